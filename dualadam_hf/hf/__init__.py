@@ -1,0 +1,1 @@
+"""Hugging Face glue: optimizer-name registration, DualAdamTrainer, evaluation measures."""

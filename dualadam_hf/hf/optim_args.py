@@ -1,0 +1,94 @@
+"""Typed parsing of ``TrainingArguments.optim_args`` for DualAdam and InvAdam.
+
+Transformers hands ``optim_args`` over as one string, ``"key=value,key=value"``; every value is a string
+there. Here each key gets its type, unknown keys are refused by name, and ``switch_ratio`` (the fraction
+of the run after which alpha reaches 0) is turned into a ``switch_rate`` once the run's length is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dualadam_hf.optimizer import SCHEDULES
+
+
+def _float(value: str) -> float:
+    return float(value)
+
+
+def _int(value: str) -> int:
+    return int(value)
+
+
+def _schedule(value: str) -> str:
+    if value not in SCHEDULES:
+        raise ValueError(f"valid schedules: {', '.join(SCHEDULES)}")
+    return value
+
+
+# key -> (parser, description of the expected value)
+DUALADAM_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "switch_rate": (_float, "a float >= 0"),
+    "switch_ratio": (_float, "a float in (0, 1]"),
+    "schedule": (_schedule, f"one of {', '.join(SCHEDULES)}"),
+    "switch_base": (_float, "a float in (0, 1]"),
+    "switch_step": (_int, "an integer >= 0"),
+}
+KEYS_BY_OPTIMIZER: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
+    "dualadam": DUALADAM_KEYS,
+    "invadam": {},
+}
+
+
+def split_optim_args(optim_args: str | None) -> dict[str, str]:
+    """``"a=1, b=2"`` -> ``{"a": "1", "b": "2"}``, with a clear message for a malformed item."""
+    pairs: dict[str, str] = {}
+    if not optim_args:
+        return pairs
+    for item in optim_args.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"optim_args: {item!r} is not of the form key=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def parse_optim_args(optimizer: str, optim_args: str | None) -> dict[str, Any]:
+    """Typed keyword arguments for ``optimizer`` ("dualadam" or "invadam"), switch_ratio left unresolved."""
+    keys = KEYS_BY_OPTIMIZER[optimizer]
+    parsed: dict[str, Any] = {}
+    for key, raw in split_optim_args(optim_args).items():
+        if key not in keys:
+            valid = ", ".join(sorted(keys)) if keys else "none"
+            raise ValueError(f"optim_args: unknown key {key!r} for optim={optimizer}; valid keys: {valid}")
+        parser, expected = keys[key]
+        try:
+            parsed[key] = parser(raw)
+        except ValueError:
+            raise ValueError(f"optim_args: {key}={raw!r} is not {expected}") from None
+    if "switch_ratio" in parsed:
+        ratio = parsed["switch_ratio"]
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"optim_args: switch_ratio={ratio} is not a float in (0, 1]")
+        if "switch_rate" in parsed:
+            raise ValueError("optim_args: give switch_rate or switch_ratio, not both")
+    return parsed
+
+
+def resolve_switch_ratio(kwargs: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
+    """Replace ``switch_ratio`` by ``switch_rate = 1 / (switch_ratio * total_steps)``."""
+    if "switch_ratio" not in kwargs:
+        return kwargs
+    if not total_steps or total_steps <= 0:
+        raise ValueError(
+            "optim_args: switch_ratio needs the run's total number of optimizer steps; "
+            "use DualAdamTrainer (which knows it) or set max_steps"
+        )
+    resolved = dict(kwargs)
+    ratio = resolved.pop("switch_ratio")
+    resolved["switch_rate"] = 1.0 / (ratio * total_steps)
+    return resolved
