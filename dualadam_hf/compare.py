@@ -1,0 +1,112 @@
+"""Compare runs from their ``trainer_state.json``: plots, summary.md and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dualadam_hf import plots
+
+RUN_CONFIG = "run_config.json"  # written by our scripts beside trainer_state.json
+
+
+class CompareError(ValueError):
+    """A run directory that cannot be compared; the message names it."""
+
+
+@dataclass
+class Run:
+    name: str
+    optimizer: str
+    history: list[dict[str, Any]]
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(entry["step"], entry[key]) for entry in self.history if key in entry]
+
+
+def load_run(directory: Path) -> Run:
+    state_path = directory / "trainer_state.json"
+    if not state_path.is_file():
+        raise CompareError(f"{directory}: no trainer_state.json (not a finished run directory?)")
+    try:
+        history = json.loads(state_path.read_text())["log_history"]
+    except (json.JSONDecodeError, KeyError):
+        raise CompareError(f"{state_path}: not a trainer state with a log_history") from None
+    optimizer = "unknown"
+    config_path = directory / RUN_CONFIG
+    if config_path.is_file():
+        optimizer = json.loads(config_path.read_text()).get("optim", "unknown")
+    return Run(name=directory.name, optimizer=optimizer, history=history)
+
+
+def _unique_evals(run: Run, key: str) -> list[tuple[int, float]]:
+    """Evaluation points by step; the final evaluate() after training repeats the last step's."""
+    by_step = dict(run.series(key))
+    return sorted(by_step.items())
+
+
+def summarize_run(run: Run) -> dict[str, Any]:
+    ppl = _unique_evals(run, "eval_ppl")
+    gap = _unique_evals(run, "eval_gen_gap")
+    accuracy = _unique_evals(run, "eval_accuracy")
+    train = run.series("loss")
+    summary: dict[str, Any] = {"run": run.name, "optimizer": run.optimizer}
+    if ppl:
+        best_step, best = min(ppl, key=lambda point: point[1] if not math.isnan(point[1]) else math.inf)
+        summary.update(final_eval_ppl=ppl[-1][1], best_eval_ppl=best, best_step=best_step)
+    else:
+        summary.update(final_eval_ppl=None, best_eval_ppl=None, best_step=None)
+    if accuracy:
+        best_step, best = max(accuracy, key=lambda point: point[1])
+        summary.update(final_eval_accuracy=accuracy[-1][1], best_eval_accuracy=best)
+        if not ppl:
+            summary["best_step"] = best_step
+    summary["final_gen_gap"] = gap[-1][1] if gap else None
+    summary["final_train_loss"] = train[-1][1] if train else None
+    return summary
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def summary_markdown(summaries: list[dict[str, Any]]) -> str:
+    columns = list(summaries[0])
+    for summary in summaries[1:]:
+        columns += [key for key in summary if key not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for summary in summaries:
+        lines.append("| " + " | ".join(_cell(summary.get(key)) for key in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(run_dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
+    """Load every run first (a bad directory is refused before anything is written), then write."""
+    runs = [load_run(directory) for directory in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):  # two .../dualadam directories would overwrite each other's lines
+        for run, directory in zip(runs, run_dirs):
+            run.name = str(directory)
+    summaries = [summarize_run(run) for run in runs]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = {run.name: f"{run.name} ({run.optimizer})" if run.optimizer not in run.name else run.name for run in runs}
+    if any(run.series("eval_ppl") for run in runs):
+        plots.plot_metric({label[r.name]: _unique_evals(r, "eval_ppl") for r in runs}, out_dir / "ppl.png",
+                          "Validation perplexity", "PPL", log_y=True)
+    if any(run.series("eval_accuracy") for run in runs):
+        plots.plot_metric({label[r.name]: _unique_evals(r, "eval_accuracy") for r in runs}, out_dir / "accuracy.png",
+                          "Validation accuracy", "accuracy")
+    plots.plot_metric({label[r.name]: _unique_evals(r, "eval_gen_gap") for r in runs}, out_dir / "gen_gap.png",
+                      "Generalization gap (eval_loss - eval_train_loss)", "gap (nats)")
+    plots.plot_train_losses({label[r.name]: r.series("loss") for r in runs},
+                            {label[r.name]: _unique_evals(r, "eval_train_loss") for r in runs},
+                            out_dir / "train_loss.png")
+    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    (out_dir / "summary.md").write_text(summary_markdown(summaries))
+    return summaries

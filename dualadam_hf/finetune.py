@@ -1,0 +1,327 @@
+"""Supervised fine-tuning of a causal LM on Alpaca-schema data with DualAdamTrainer.
+
+``scripts/finetune.py`` is a thin wrapper around ``main``; everything worth testing lives here:
+the argument dataclasses, the dry-run description, model loading (hub ids, ``trust_remote_code``
+only when the recipe opts in, the built-in tiny Llama), LoRA, and the run itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dualadam_hf.compare import RUN_CONFIG
+from dualadam_hf.hf.optim_args import parse_optim_args
+from dualadam_hf.hf.registration import is_ours
+from dualadam_hf.hf.trainer import DualAdamTrainingArguments
+from dualadam_hf.recipe import RecipeError, parse_recipe
+from dualadam_hf.sft_data import DataArguments, DataError
+from dualadam_hf.tiny import ALPACA_ZH_SAMPLE, TINY_LLAMA, is_builtin
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# The shipped Chinese sample, by name, so that recipes work from any directory.
+BUILTIN_SAMPLE = "builtin:alpaca-zh-sample"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": f"Hub id or local directory of a causal LM, or {TINY_LLAMA!r} (built from a config, offline)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model's own code from the hub (needed by openPangu). Off unless the recipe says so."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": f"Weights' dtype when loading: one of {', '.join(DTYPES)}."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa, flash_attention_2, ... (None: the model's default)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is required: a hub id, a local directory or " + TINY_LLAMA)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class LoraArguments:
+    """PEFT LoRA, with TRL's field names."""
+
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (None: all linear layers but the output head)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class RunArguments:
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Check the recipe, print the resolved configuration and exit: no weights, no data."},
+    )
+
+
+ARGUMENT_TYPES = (ModelArguments, DataArguments, LoraArguments, RunArguments, DualAdamTrainingArguments)
+
+
+def optimizer_summary(args: DualAdamTrainingArguments) -> list[str]:
+    """Lines describing the optimizer; for DualAdam, xi and the step at which alpha reaches 0 when known."""
+    name = str(args.optim.value)
+    lines = [
+        f"optimizer:       {name}",
+        f"  lr {args.learning_rate:g}, betas ({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_epsilon:g}, "
+        f"weight decay {args.weight_decay:g} (not on biases and norms), scheduler {args.lr_scheduler_type.value}",
+    ]
+    if not is_ours(args.optim):
+        return lines
+    extra = parse_optim_args(name, args.optim_args)
+    if name == "invadam":
+        return lines + ["  alpha = 1 at every step (pure InvAdam)"]
+    schedule = extra.get("schedule", "linear")
+    if schedule == "linear" and "switch_ratio" in extra:
+        ratio = extra["switch_ratio"]
+        if args.max_steps > 0:
+            xi = 1.0 / (ratio * args.max_steps)
+            lines.append(f"  schedule linear, xi = {xi:.6g}: alpha reaches 0 at step {math.ceil(ratio * args.max_steps)}")
+        else:
+            lines.append(f"  schedule linear, switch_ratio {ratio:g}: alpha reaches 0 after {ratio:.0%} of the "
+                         "optimizer steps (xi is set once the data, hence the run length, is known)")
+    elif schedule == "linear":
+        xi = extra.get("switch_rate", 8e-5)
+        reach = f"alpha reaches 0 at step {math.ceil(1.0 / xi)}" if xi > 0 else "alpha stays 1 (xi = 0)"
+        lines.append(f"  schedule linear, xi = {xi:g}: {reach}")
+    elif schedule == "exponential":
+        base = extra.get("switch_base")
+        lines.append(f"  schedule exponential, alpha_t = {base}^t (reaches 0 only in the limit)")
+    else:
+        lines.append(f"  schedule step: alpha = 1 up to step {extra.get('switch_step')}, then 0")
+    return lines
+
+
+def describe(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: DualAdamTrainingArguments,
+) -> str:
+    """The resolved configuration, as --dry_run prints it. Touches no weights and no data."""
+    effective = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    precision = "bf16 mixed" if training_args.bf16 else "fp16 mixed" if training_args.fp16 else "fp32"
+    validation = (
+        f"split {data_args.validation_split!r}"
+        if data_args.validation_split
+        else f"{data_args.validation_fraction:g} of {data_args.train_split!r} held out (seed {data_args.split_seed})"
+    )
+    run_length = (
+        f"max_steps {training_args.max_steps}"
+        if training_args.max_steps > 0
+        else f"{training_args.num_train_epochs:g} epochs"
+    )
+    lines = [
+        f"model:           {model_args.model_name_or_path} (trust_remote_code={model_args.trust_remote_code}, "
+        f"dtype {model_args.dtype}, attention {model_args.attn_implementation or 'default'}, "
+        f"gradient checkpointing {training_args.gradient_checkpointing})",
+        f"data:            {data_args.dataset_name}, train split {data_args.train_split!r}, validation {validation}, "
+        f"max_seq_length {data_args.max_seq_length}",
+        f"peft:            "
+        + (
+            f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha} dropout={lora_args.lora_dropout} "
+            f"targets={lora_args.lora_target_modules or 'all-linear'}"
+            if lora_args.use_peft
+            else "none (full fine-tuning)"
+        ),
+        *optimizer_summary(training_args),
+        f"batch:           {training_args.per_device_train_batch_size} per device x "
+        f"{training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes "
+        f"= {effective} examples per optimizer step; {run_length}",
+        f"precision:       {precision}",
+        f"evaluation:      {training_args.eval_strategy.value}"
+        + (f" every {training_args.eval_steps} steps" if training_args.eval_strategy.value == "steps" else ""),
+        f"output_dir:      {training_args.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def resolve_dataset_name(data_args: DataArguments) -> None:
+    if data_args.dataset_name == BUILTIN_SAMPLE:
+        data_args.dataset_name = str(ALPACA_ZH_SAMPLE)
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, seed: int) -> tuple[Any, Any]:
+    """The hub/local path for real models; the built-in tiny Llama and its shipped tokenizer offline."""
+    from dualadam_hf.tiny import build_tiny_llama, load_tiny_tokenizer
+
+    if is_builtin(model_args.model_name_or_path):
+        tokenizer = load_tiny_tokenizer()
+        return build_tiny_llama(tokenizer, seed=seed), tokenizer
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = model_args.model_name_or_path
+    trust = model_args.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            trust_remote_code=trust,
+            dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
+            attn_implementation=model_args.attn_implementation,
+        )
+    except OSError as error:  # not on the hub, no network, no such directory
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot load model {name!r}: {first_line}") from None
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss and the attention, so any existing token serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def apply_lora(model: Any, lora_args: LoraArguments) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: DualAdamTrainingArguments,
+) -> dict[str, float]:
+    """Load, prepare, train, evaluate, save. Data problems stop the run before anything is written."""
+    from dualadam_hf.hf.trainer import DualAdamTrainer
+    from dualadam_hf.sft_data import SFTCollator, prepare_datasets
+
+    model, tokenizer = load_model_and_tokenizer(model_args, seed=training_args.seed)
+    data = prepare_datasets(data_args, tokenizer)
+    logger.warning("data: %s", data.summary())
+    if training_args.gradient_checkpointing:
+        model.config.use_cache = False
+    if lora_args.use_peft:
+        model = apply_lora(model, lora_args)
+
+    trainer = DualAdamTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=SFTCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    train_metrics = dict(
+        result.metrics,
+        train_truncated_examples=data.num_truncated_train,
+        eval_truncated_examples=data.num_truncated_eval,
+    )
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()  # again, so trainer_state.json holds the final evaluation too
+    if trainer.is_world_process_zero():
+        write_run_config(training_args, model=model_args.model_name_or_path, dataset=data_args.dataset_name)
+    return {**train_metrics, **eval_metrics}
+
+
+def parse_for_this_machine(
+    argument_types: Sequence[type], argv: Sequence[str], *, prog: str, description: str
+) -> tuple[tuple[Any, ...], str]:
+    """parse_recipe, except that a dry run of a bf16 GPU recipe also works on a machine without one.
+
+    TrainingArguments refuses bf16 where no GPU supports it; a dry run loads nothing and trains
+    nothing, so it checks the recipe as if on the CPU and says so.
+    """
+    try:
+        return parse_recipe(argument_types, argv, prog=prog, description=description), ""
+    except RecipeError as error:
+        if "bf16/gpu" not in str(error) or not wants_dry_run(argv):
+            raise
+    parsed = parse_recipe(argument_types, [*argv, "--use_cpu", "true"], prog=prog, description=description)
+    return parsed, "\nnote:            bf16 needs a GPU that supports it; this machine has none (dry run checked on CPU)"
+
+
+def wants_dry_run(argv: Sequence[str]) -> bool:
+    from transformers import HfArgumentParser
+
+    from dualadam_hf.recipe import load_recipe_file, recipe_argv
+
+    known = [f.name for f in dataclasses.fields(RunArguments)]
+    values = {k: v for k, v in load_recipe_file(Path(argv[0]), None).items() if k in known}
+    parser = HfArgumentParser(RunArguments)
+    (run_args,) = parser.parse_known_args(recipe_argv(values) + list(argv[1:]))[:1]
+    return bool(run_args.dry_run)
+
+
+def write_run_config(training_args: Any, **details: Any) -> None:
+    """What scripts/compare.py needs besides trainer_state.json: which optimizer ran, with what."""
+    config = dict(
+        optim=str(training_args.optim.value),
+        optim_args=training_args.optim_args,
+        learning_rate=training_args.learning_rate,
+        weight_decay=training_args.weight_decay,
+        seed=training_args.seed,
+        **details,
+    )
+    Path(training_args.output_dir, RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py", description: str = "") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed, note = parse_for_this_machine(ARGUMENT_TYPES, argv, prog=prog, description=description)
+        model_args, data_args, lora_args, run_args, training_args = parsed
+        resolve_dataset_name(data_args)
+        if is_ours(training_args.optim):
+            parse_optim_args(str(training_args.optim.value), training_args.optim_args)
+        summary = describe(model_args, data_args, lora_args, training_args) + note
+    except ValueError as error:  # RecipeError included: one line, naming the culprit
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if run_args.dry_run:
+        print(summary)
+        return 0
+    if training_args.process_index == 0:
+        print(summary, flush=True)
+    try:
+        run(model_args, data_args, lora_args, training_args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,55 @@
+"""Curves of several runs on one figure each: validation PPL, accuracy, generalization gap, training loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = list[tuple[int, float]]
+
+
+def _figure(title: str, ylabel: str, log_y: bool = False):
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.set_title(title)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel(ylabel)
+    if log_y:
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _save(figure, axes, path: Path) -> Path:
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_metric(runs: dict[str, Series], path: Path, title: str, ylabel: str, log_y: bool = False) -> Path:
+    """One line per run: (step, value) points."""
+    figure, axes = _figure(title, ylabel, log_y)
+    for name, points in runs.items():
+        if points:
+            steps, values = zip(*points)
+            axes.plot(steps, values, marker="o", markersize=3, label=name)
+    return _save(figure, axes, path)
+
+
+def plot_train_losses(train: dict[str, Series], eval_train: dict[str, Series], path: Path) -> Path:
+    """The logged (running, train-mode) training loss and the eval-mode loss on the fixed training subset."""
+    figure, axes = _figure("Training loss", "loss (nats per token)")
+    for index, name in enumerate(train):
+        color = f"C{index}"
+        if train[name]:
+            axes.plot(*zip(*train[name]), color=color, alpha=0.6, label=f"{name}: logged train loss")
+        if eval_train.get(name):
+            axes.plot(*zip(*eval_train[name]), color=color, linestyle="--", marker="o", markersize=3,
+                      label=f"{name}: eval-mode loss on training subset")
+    return _save(figure, axes, path)
