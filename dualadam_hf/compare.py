@@ -13,6 +13,19 @@ from dualadam_hf import plots
 RUN_CONFIG = "run_config.json"  # written by our scripts beside trainer_state.json
 
 
+def write_run_config(training_args: Any, **details: Any) -> None:
+    """What scripts/compare.py needs besides trainer_state.json: which optimizer ran, with what."""
+    config = dict(
+        optim=str(training_args.optim.value),
+        optim_args=training_args.optim_args,
+        learning_rate=training_args.learning_rate,
+        weight_decay=training_args.weight_decay,
+        seed=training_args.seed,
+        **details,
+    )
+    Path(training_args.output_dir, RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
 class CompareError(ValueError):
     """A run directory that cannot be compared; the message names it."""
 

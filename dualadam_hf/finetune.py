@@ -7,21 +7,18 @@ only when the recipe opts in, the built-in tiny Llama), LoRA, and the run itself
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from dualadam_hf.compare import RUN_CONFIG
+from dualadam_hf.compare import write_run_config
 from dualadam_hf.hf.optim_args import parse_optim_args
 from dualadam_hf.hf.registration import is_ours
 from dualadam_hf.hf.trainer import DualAdamTrainingArguments
-from dualadam_hf.recipe import RecipeError, parse_recipe
+from dualadam_hf.recipe import parse_for_this_machine
 from dualadam_hf.sft_data import DataArguments, DataError
 from dualadam_hf.tiny import ALPACA_ZH_SAMPLE, TINY_LLAMA, is_builtin
 
@@ -258,48 +255,6 @@ def run(
     if trainer.is_world_process_zero():
         write_run_config(training_args, model=model_args.model_name_or_path, dataset=data_args.dataset_name)
     return {**train_metrics, **eval_metrics}
-
-
-def parse_for_this_machine(
-    argument_types: Sequence[type], argv: Sequence[str], *, prog: str, description: str
-) -> tuple[tuple[Any, ...], str]:
-    """parse_recipe, except that a dry run of a bf16 GPU recipe also works on a machine without one.
-
-    TrainingArguments refuses bf16 where no GPU supports it; a dry run loads nothing and trains
-    nothing, so it checks the recipe as if on the CPU and says so.
-    """
-    try:
-        return parse_recipe(argument_types, argv, prog=prog, description=description), ""
-    except RecipeError as error:
-        if "bf16/gpu" not in str(error) or not wants_dry_run(argv):
-            raise
-    parsed = parse_recipe(argument_types, [*argv, "--use_cpu", "true"], prog=prog, description=description)
-    return parsed, "\nnote:            bf16 needs a GPU that supports it; this machine has none (dry run checked on CPU)"
-
-
-def wants_dry_run(argv: Sequence[str]) -> bool:
-    from transformers import HfArgumentParser
-
-    from dualadam_hf.recipe import load_recipe_file, recipe_argv
-
-    known = [f.name for f in dataclasses.fields(RunArguments)]
-    values = {k: v for k, v in load_recipe_file(Path(argv[0]), None).items() if k in known}
-    parser = HfArgumentParser(RunArguments)
-    (run_args,) = parser.parse_known_args(recipe_argv(values) + list(argv[1:]))[:1]
-    return bool(run_args.dry_run)
-
-
-def write_run_config(training_args: Any, **details: Any) -> None:
-    """What scripts/compare.py needs besides trainer_state.json: which optimizer ran, with what."""
-    config = dict(
-        optim=str(training_args.optim.value),
-        optim_args=training_args.optim_args,
-        learning_rate=training_args.learning_rate,
-        weight_decay=training_args.weight_decay,
-        seed=training_args.seed,
-        **details,
-    )
-    Path(training_args.output_dir, RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py", description: str = "") -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 
 class RecipeError(ValueError):
@@ -107,3 +108,29 @@ def parse_recipe(
         raise
     except (ValueError, TypeError) as error:  # a dataclass's __post_init__ refusing a value
         raise RecipeError(str(error).strip().splitlines()[0]) from None
+
+
+def parse_for_this_machine(
+    argument_types: Sequence[type], argv: Sequence[str], *, prog: str, description: str
+) -> tuple[tuple[Any, ...], str]:
+    """parse_recipe, except that a dry run of a bf16 GPU recipe also works on a machine without one.
+
+    TrainingArguments refuses bf16 where no GPU supports it; a dry run loads nothing and trains
+    nothing, so it checks the recipe as if on the CPU and says so.
+    """
+    try:
+        return parse_recipe(argument_types, argv, prog=prog, description=description), ""
+    except RecipeError as error:
+        if "bf16/gpu" not in str(error) or not wants_dry_run(argv):
+            raise
+    parsed = parse_recipe(argument_types, [*argv, "--use_cpu", "true"], prog=prog, description=description)
+    return parsed, "\nnote:            bf16 needs a GPU that supports it; this machine has none (dry run checked on CPU)"
+
+
+def wants_dry_run(argv: Sequence[str]) -> bool:
+    """Whether the recipe or the command line sets dry_run (read without the other fields' checks)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--dry_run", type=string_to_bool, nargs="?", const=True, default=False)
+    recipe_value = load_recipe_file(Path(argv[0]), None).get("dry_run")
+    known, _ = parser.parse_known_args(recipe_argv({"dry_run": recipe_value}) + list(argv[1:]))
+    return bool(known.dry_run)
