@@ -25,8 +25,11 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(PYTHON) -m pytest -m "not slow"
 
+# The embedded default, offline: the tiny recipe with DualAdam and with AdamW, then the comparison.
 demo: $(INSTALLED)
-	$(PYTHON) scripts/demo.py --out $(DEMO_DIR)
+	$(PYTHON) scripts/finetune.py recipes/tiny_alpaca.yaml --output_dir $(DEMO_DIR)/dualadam
+	$(PYTHON) scripts/finetune.py recipes/tiny_alpaca.yaml --optim adamw_torch --output_dir $(DEMO_DIR)/adamw
+	$(PYTHON) scripts/compare.py $(DEMO_DIR)/dualadam $(DEMO_DIR)/adamw --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -142,7 +142,7 @@ def describe(
     lines = [
         f"model:           {model_args.model_name_or_path} (trust_remote_code={model_args.trust_remote_code}, "
         f"dtype {model_args.dtype}, attention {model_args.attn_implementation or 'default'}, "
-        f"gradient checkpointing {training_args.gradient_checkpointing})",
+        f"activation checkpointing {training_args.activation_checkpointing})",
         f"data:            {data_args.dataset_name}, train split {data_args.train_split!r}, validation {validation}, "
         f"max_seq_length {data_args.max_seq_length}",
         f"peft:            "
@@ -225,7 +225,7 @@ def run(
     model, tokenizer = load_model_and_tokenizer(model_args, seed=training_args.seed)
     data = prepare_datasets(data_args, tokenizer)
     logger.warning("data: %s", data.summary())
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         model.config.use_cache = False
     if lora_args.use_peft:
         model = apply_lora(model, lora_args)

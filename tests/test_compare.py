@@ -1,0 +1,71 @@
+"""scripts/compare.py: summaries equal the runs' logs, plots are written, bad directories are named."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dualadam_hf.compare import CompareError, compare, summarize_run, load_run
+
+
+def make_run(directory, optim, evals, train_losses, accuracy=False):
+    directory.mkdir(parents=True)
+    history = [{"loss": loss, "step": step, "dualadam_alpha": 0.5} for step, loss in train_losses]
+    for step, loss, train_loss in evals:
+        entry = {"eval_loss": loss, "eval_train_loss": train_loss, "eval_gen_gap": loss - train_loss, "step": step}
+        entry.update({"eval_accuracy": 1 / (1 + loss)} if accuracy else {"eval_ppl": math.exp(loss)})
+        history.append(entry)
+    (directory / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (directory / "run_config.json").write_text(json.dumps({"optim": optim}))
+    return directory
+
+
+def test_summary_values_equal_the_logs(tmp_path):
+    dual = make_run(tmp_path / "dual", "dualadam", [(10, 3.0, 2.9), (20, 2.5, 2.4), (30, 2.6, 2.3)],
+                    [(10, 3.1), (20, 2.6), (30, 2.2)])
+    adamw = make_run(tmp_path / "adamw", "adamw_torch", [(10, 2.8, 2.5), (20, 2.9, 1.9)], [(10, 2.9), (20, 1.8)])
+    summaries = compare([dual, adamw], tmp_path / "out")
+    assert [s["run"] for s in summaries] == ["dual", "adamw"]
+    assert summaries[0] == {
+        "run": "dual", "optimizer": "dualadam", "final_eval_ppl": pytest.approx(math.exp(2.6)),
+        "best_eval_ppl": pytest.approx(math.exp(2.5)), "best_step": 20,
+        "final_gen_gap": pytest.approx(0.3), "final_train_loss": 2.2,
+    }
+    assert summaries[1]["best_step"] == 10 and summaries[1]["optimizer"] == "adamw_torch"
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summaries))
+    for name in ("ppl.png", "gen_gap.png", "train_loss.png", "summary.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert not (tmp_path / "out" / "accuracy.png").exists()
+
+
+def test_classifier_runs_get_an_accuracy_plot(tmp_path):
+    run = make_run(tmp_path / "digits", "dualadam", [(10, 1.0, 0.9), (20, 0.5, 0.4)], [(10, 1.2)], accuracy=True)
+    summary = compare([run], tmp_path / "out")[0]
+    assert summary["final_eval_accuracy"] == pytest.approx(1 / 1.5) and summary["final_eval_ppl"] is None
+    assert (tmp_path / "out" / "accuracy.png").is_file() and not (tmp_path / "out" / "ppl.png").exists()
+
+
+def test_the_final_evaluation_repeating_the_last_step_counts_once(tmp_path):
+    run = make_run(tmp_path / "r", "dualadam", [(10, 3.0, 2.0), (10, 3.0, 2.0)], [(10, 3.0)])
+    assert load_run(run).series("eval_ppl") == [(10, math.exp(3.0))] * 2
+    assert summarize_run(load_run(run))["best_step"] == 10
+
+
+def test_a_directory_without_trainer_state_is_refused_by_name_and_nothing_is_written(tmp_path):
+    good = make_run(tmp_path / "good", "dualadam", [(10, 3.0, 2.0)], [(10, 3.0)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CompareError, match=r"empty: no trainer_state.json"):
+        compare([good, tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_exit_code_and_message(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/compare.py", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("nope: no trainer_state.json (not a finished run directory?)")
