@@ -1,0 +1,204 @@
+"""Image classification with DualAdamTrainer: the paper's CIFAR experiments and an offline stand-in.
+
+``scripts/train_vision.py`` is a thin wrapper around ``main``; everything worth testing lives here: the
+argument dataclass, the dry-run description, loading the splits, and the run itself. It follows
+``dualadam_hf.finetune`` step for step (same recipe parsing, same ``optim`` names, same Trainer and
+metrics), so that the vision runs and the LLM runs differ only in model and data.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dualadam_hf.compare import write_run_config
+from dualadam_hf.finetune import RunArguments, optimizer_summary
+from dualadam_hf.hf.optim_args import parse_optim_args
+from dualadam_hf.hf.registration import is_ours
+from dualadam_hf.hf.trainer import DualAdamTrainingArguments
+from dualadam_hf.recipe import parse_for_this_machine
+from dualadam_hf.sft_data import DataError
+from dualadam_hf.vision.augment import AUGMENTATION_KINDS
+from dualadam_hf.vision.models import BACKBONES
+
+logger = logging.getLogger(__name__)
+
+# scikit-learn's bundled 8×8 digits: no download, so the default recipe and the tests run offline.
+DIGITS = "sklearn:digits"
+# What the dry run can say without loading anything; other hub datasets' classes come from their ClassLabel.
+KNOWN_NUM_CLASSES = {"uoft-cs/cifar100": 100, "uoft-cs/cifar10": 10, DIGITS: 10}
+AUGMENTATION_DESCRIPTIONS = {
+    "cifar": "random crop with 4 pixels of zero padding + horizontal flip",
+    "none": "none",
+}
+
+
+@dataclass
+class VisionArguments:
+    model_name: str = field(
+        default="resnet18_cifar", metadata={"help": f"Backbone: one of {', '.join(BACKBONES)}."}
+    )
+    dataset_name: str = field(
+        default="uoft-cs/cifar100",
+        metadata={
+            "help": f"A hub image-classification dataset with a train and a test split (uoft-cs/cifar100, "
+            f"uoft-cs/cifar10), or {DIGITS!r} (bundled with scikit-learn, offline)."
+        },
+    )
+    augmentation: str = field(
+        default="cifar",
+        metadata={
+            "help": f"Training-time augmentation, run inside the model: one of {', '.join(AUGMENTATION_KINDS)}. "
+            "Inputs are always normalized with the training split's per-channel statistics."
+        },
+    )
+    validation_size: int = field(
+        default=5000,
+        metadata={
+            "help": "Hub datasets: images of the train split held out for validation; the test split stays "
+            f"the test set. {DIGITS} always splits 70/15/15 into train/validation/test."
+        },
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/validation(/test) split."})
+
+    def __post_init__(self) -> None:
+        if self.model_name not in BACKBONES:
+            raise ValueError(f"model_name must be one of {', '.join(BACKBONES)}, got {self.model_name!r}")
+        if self.augmentation not in AUGMENTATION_KINDS:
+            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATION_KINDS)}, got {self.augmentation!r}")
+        if ":" in self.dataset_name and self.dataset_name != DIGITS:
+            raise ValueError(f"dataset_name {self.dataset_name!r}: the only built-in dataset is {DIGITS!r}")
+        if self.model_name == "digits_net" and self.dataset_name != DIGITS:
+            raise ValueError(f"digits_net takes 8x8 single-channel images ({DIGITS}); use resnet18_cifar")
+        if self.validation_size < 1:
+            raise ValueError(f"validation_size must be >= 1, got {self.validation_size}")
+
+
+ARGUMENT_TYPES = (VisionArguments, RunArguments, DualAdamTrainingArguments)
+
+
+def describe(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) -> str:
+    """The resolved configuration, as --dry_run prints it. Touches no data."""
+    effective = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    precision = "bf16 mixed" if training_args.bf16 else "fp16 mixed" if training_args.fp16 else "fp32"
+    run_length = (
+        f"max_steps {training_args.max_steps}"
+        if training_args.max_steps > 0
+        else f"{training_args.num_train_epochs:g} epochs"
+    )
+    num_classes = KNOWN_NUM_CLASSES.get(vision_args.dataset_name)
+    classes = f"{num_classes} classes" if num_classes else "classes read from the dataset's ClassLabel"
+    if vision_args.dataset_name == DIGITS:
+        splits = f"train/validation/test 70/15/15 % (seed {vision_args.split_seed}), offline"
+    else:
+        splits = (
+            f"validation {vision_args.validation_size} images of the hub's train split (seed "
+            f"{vision_args.split_seed}), test the hub's test split"
+        )
+    schedule = training_args.lr_scheduler_type.value
+    if training_args.lr_scheduler_kwargs:
+        schedule += " " + ", ".join(f"{key} {value}" for key, value in training_args.lr_scheduler_kwargs.items())
+    lines = [
+        f"model:           {vision_args.model_name}, augmentation "
+        f"{AUGMENTATION_DESCRIPTIONS[vision_args.augmentation]}",
+        f"data:            {vision_args.dataset_name}, {classes}; {splits}",
+        *optimizer_summary(training_args),
+        f"lr schedule:     {schedule}, warm-up {training_args.warmup_steps:g} steps",
+        f"batch:           {training_args.per_device_train_batch_size} per device x "
+        f"{training_args.gradient_accumulation_steps} accumulation x {training_args.world_size} processes "
+        f"= {effective} images per optimizer step; {run_length}",
+        f"precision:       {precision}",
+        f"evaluation:      {training_args.eval_strategy.value}"
+        + (f" every {training_args.eval_steps} steps" if training_args.eval_strategy.value == "steps" else ""),
+        f"output_dir:      {training_args.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def load_splits(vision_args: VisionArguments) -> Any:
+    """The ImageSplits of the recipe's dataset; a hub or data problem becomes a one-line DataError."""
+    from dualadam_hf.vision.data import load_cifar_splits, load_digits_splits
+
+    if vision_args.dataset_name == DIGITS:
+        return load_digits_splits(seed=vision_args.split_seed)
+    try:
+        return load_cifar_splits(vision_args.dataset_name, vision_args.validation_size, vision_args.split_seed)
+    except (OSError, ValueError) as error:  # no network, no such dataset, no image/label column, too few images
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot load dataset {vision_args.dataset_name!r}: {first_line}") from None
+
+
+def run(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) -> dict[str, float]:
+    """Load, train, evaluate on validation and test, save. A data problem stops the run before anything is written."""
+    from transformers import default_data_collator, set_seed
+
+    from dualadam_hf.hf.trainer import DualAdamTrainer
+    from dualadam_hf.vision.models import build_vision_model
+
+    splits = load_splits(vision_args)
+    logger.warning(
+        "data: %s, %d classes, %d train / %d validation / %d test images",
+        vision_args.dataset_name, splits.num_classes, len(splits.train), len(splits.validation), len(splits.test),
+    )
+    set_seed(training_args.seed)  # the initial weights; the Trainer seeds again, too late for them
+    model = build_vision_model(
+        vision_args.model_name, splits.num_classes, splits.mean, splits.std, vision_args.augmentation
+    )
+    trainer = DualAdamTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits.train,
+        eval_dataset=splits.validation,
+        data_collator=default_data_collator,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    metrics = dict(result.metrics)
+    # The test split is measured once, after training; nothing during the run looks at it.
+    for split, dataset in (("eval", None), ("test", splits.test)):
+        split_metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
+        trainer.log_metrics(split, split_metrics)
+        trainer.save_metrics(split, split_metrics)
+        metrics.update(split_metrics)
+    trainer.save_state()  # again, so trainer_state.json holds the final evaluations too
+    if trainer.is_world_process_zero():
+        write_run_config(
+            training_args,
+            model=vision_args.model_name,
+            dataset=vision_args.dataset_name,
+            num_classes=splits.num_classes,
+            augmentation=vision_args.augmentation,
+        )
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "train_vision.py", description: str = "") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed, note = parse_for_this_machine(ARGUMENT_TYPES, argv, prog=prog, description=description)
+        vision_args, run_args, training_args = parsed
+        if is_ours(training_args.optim):
+            parse_optim_args(str(training_args.optim.value), training_args.optim_args)
+        summary = describe(vision_args, training_args) + note
+    except ValueError as error:  # RecipeError included: one line, naming the culprit
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if run_args.dry_run:
+        print(summary)
+        return 0
+    if training_args.process_index == 0:
+        print(summary, flush=True)
+    try:
+        run(vision_args, training_args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
