@@ -79,6 +79,9 @@ def summarize_run(run: Run) -> dict[str, Any]:
             summary["best_step"] = best_step
     summary["final_gen_gap"] = gap[-1][1] if gap else None
     summary["final_train_loss"] = train[-1][1] if train else None
+    for key in ("test_accuracy", "test_loss"):  # the held-out test split, measured once at the end
+        if run.series(key):
+            summary[key] = run.series(key)[-1][1]
     return summary
 
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualadam_hf.cli import RunArguments, script_main
 from dualadam_hf.compare import write_run_config
 from dualadam_hf.hf.optim_args import parse_optim_args
 from dualadam_hf.hf.registration import is_ours
 from dualadam_hf.hf.trainer import DualAdamTrainingArguments
-from dualadam_hf.recipe import parse_for_this_machine
 from dualadam_hf.sft_data import DataArguments, DataError
 from dualadam_hf.tiny import ALPACA_ZH_SAMPLE, TINY_LLAMA, is_builtin
 
@@ -73,14 +72,6 @@ class LoraArguments:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-@dataclass
-class RunArguments:
-    dry_run: bool = field(
-        default=False,
-        metadata={"help": "Check the recipe, print the resolved configuration and exit: no weights, no data."},
-    )
-
-
 ARGUMENT_TYPES = (ModelArguments, DataArguments, LoraArguments, RunArguments, DualAdamTrainingArguments)
 
 
@@ -90,7 +81,7 @@ def optimizer_summary(args: DualAdamTrainingArguments) -> list[str]:
     lines = [
         f"optimizer:       {name}",
         f"  lr {args.learning_rate:g}, betas ({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_epsilon:g}, "
-        f"weight decay {args.weight_decay:g} (not on biases and norms), scheduler {args.lr_scheduler_type.value}",
+        f"weight decay {args.weight_decay:g} (the Trainer exempts biases and LayerNorm/RMSNorm weights), scheduler {args.lr_scheduler_type.value}",
     ]
     if not is_ours(args.optim):
         return lines
@@ -145,7 +136,7 @@ def describe(
         f"activation checkpointing {training_args.activation_checkpointing})",
         f"data:            {data_args.dataset_name}, train split {data_args.train_split!r}, validation {validation}, "
         f"max_seq_length {data_args.max_seq_length}",
-        f"peft:            "
+        "peft:            "
         + (
             f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha} dropout={lora_args.lora_dropout} "
             f"targets={lora_args.lora_target_modules or 'all-linear'}"
@@ -219,6 +210,7 @@ def run(
     training_args: DualAdamTrainingArguments,
 ) -> dict[str, float]:
     """Load, prepare, train, evaluate, save. Data problems stop the run before anything is written."""
+    resolve_dataset_name(data_args)
     from dualadam_hf.hf.trainer import DualAdamTrainer
     from dualadam_hf.sft_data import SFTCollator, prepare_datasets
 
@@ -258,25 +250,4 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py", description: str = "") -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        parsed, note = parse_for_this_machine(ARGUMENT_TYPES, argv, prog=prog, description=description)
-        model_args, data_args, lora_args, run_args, training_args = parsed
-        resolve_dataset_name(data_args)
-        if is_ours(training_args.optim):
-            parse_optim_args(str(training_args.optim.value), training_args.optim_args)
-        summary = describe(model_args, data_args, lora_args, training_args) + note
-    except ValueError as error:  # RecipeError included: one line, naming the culprit
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if run_args.dry_run:
-        print(summary)
-        return 0
-    if training_args.process_index == 0:
-        print(summary, flush=True)
-    try:
-        run(model_args, data_args, lora_args, training_args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return script_main(ARGUMENT_TYPES, argv, prog=prog, description=description, describe=describe, run=run)

@@ -18,9 +18,6 @@ from typing import Any
 
 from dualadam_hf.compare import compare, summary_markdown
 
-RESULT_FILES = ("test_results.json",)  # final metrics written beside the run, added to its summary
-
-
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -49,14 +46,6 @@ def run_one(script: Path, recipe: Path, variant: Variant, seed: int, out_dir: Pa
     print(f"[sweep] {variant.name} seed {seed}: {shlex.join(command)}", flush=True)
     subprocess.run(command, check=True)
     return directory
-
-
-def _with_results(summary: dict[str, Any], directory: Path) -> dict[str, Any]:
-    for name in RESULT_FILES:
-        path = directory / name
-        if path.is_file():
-            summary.update({k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, (int, float))})
-    return summary
 
 
 def aggregate(summaries: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -96,9 +85,8 @@ def run_sweep(
         for variant in variants:
             runs.append((variant, seed, run_one(script, recipe, variant, seed, out_dir, extra)))
     summaries = compare([directory for _, _, directory in runs], out_dir)
-    for summary, (variant, seed, directory) in zip(summaries, runs):
+    for summary, (variant, seed, _) in zip(summaries, runs):
         summary.update(variant=variant.name, seed=seed)
-        _with_results(summary, directory)
     table = aggregate(summaries, [v.name for v in variants])
     (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     (out_dir / "summary.md").write_text(summary_markdown(summaries))

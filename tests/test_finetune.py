@@ -107,3 +107,10 @@ def test_resume_from_checkpoint_is_honoured(tmp_path):
     for a, b in zip(resumed[2:], straight[2:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["dualadam_alpha"] == pytest.approx(b["dualadam_alpha"])
+
+
+def test_the_adamw_baseline_of_a_dualadam_recipe_drops_its_optim_args(capsys, no_downloads):
+    assert main([TINY, "--dry_run", "true", "--optim", "adamw_torch"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer:       adamw_torch" in out
+    assert "optim_args 'switch_ratio=0.3' are DualAdam's; not used by adamw_torch" in out

@@ -9,17 +9,14 @@ metrics), so that the vision runs and the LLM runs differ only in model and data
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dualadam_hf.compare import write_run_config
-from dualadam_hf.finetune import RunArguments, optimizer_summary
-from dualadam_hf.hf.optim_args import parse_optim_args
-from dualadam_hf.hf.registration import is_ours
+from dualadam_hf.cli import RunArguments, script_main
+from dualadam_hf.finetune import optimizer_summary
 from dualadam_hf.hf.trainer import DualAdamTrainingArguments
-from dualadam_hf.recipe import parse_for_this_machine
 from dualadam_hf.sft_data import DataError
 from dualadam_hf.vision.augment import AUGMENTATION_KINDS
 from dualadam_hf.vision.models import BACKBONES
@@ -181,24 +178,4 @@ def run(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) 
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "train_vision.py", description: str = "") -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        parsed, note = parse_for_this_machine(ARGUMENT_TYPES, argv, prog=prog, description=description)
-        vision_args, run_args, training_args = parsed
-        if is_ours(training_args.optim):
-            parse_optim_args(str(training_args.optim.value), training_args.optim_args)
-        summary = describe(vision_args, training_args) + note
-    except ValueError as error:  # RecipeError included: one line, naming the culprit
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if run_args.dry_run:
-        print(summary)
-        return 0
-    if training_args.process_index == 0:
-        print(summary, flush=True)
-    try:
-        run(vision_args, training_args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return script_main(ARGUMENT_TYPES, argv, prog=prog, description=description, describe=describe, run=run)

@@ -69,6 +69,7 @@ def test_compare_plots_accuracy_and_summarizes_both_optimizers(digits_runs, tmp_
         assert summary["best_eval_accuracy"] == max(accuracies)
         assert summary["final_gen_gap"] == [entry["eval_gen_gap"] for entry in history if "eval_gen_gap" in entry][-1]
         assert summary["final_train_loss"] == [entry["loss"] for entry in history if "loss" in entry][-1]
+        assert summary["test_accuracy"] == [entry["test_accuracy"] for entry in history if "test_accuracy" in entry][-1]
 
 
 @pytest.fixture

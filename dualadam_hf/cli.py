@@ -1,0 +1,78 @@
+"""What the training scripts share: the --dry_run flag, optim_args settling, and one ``main`` shape.
+
+``script_main`` parses a recipe, settles ``optim_args``, prints the resolved configuration, and either
+stops there (--dry_run) or runs. Every user mistake ends in one line on stderr and a non-zero exit:
+2 for the recipe or the command line, 1 for data or models that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dualadam_hf.hf.optim_args import DUALADAM_KEYS, parse_optim_args, split_optim_args
+from dualadam_hf.hf.registration import is_ours
+from dualadam_hf.recipe import parse_for_this_machine
+from dualadam_hf.sft_data import DataError
+
+
+@dataclass
+class RunArguments:
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Check the recipe, print the resolved configuration and exit: no weights, no data."},
+    )
+
+
+def settle_optim_args(training_args: Any) -> str:
+    """Check ``optim_args`` for DualAdam/InvAdam; for another optimizer, drop DualAdam's own keys.
+
+    A DualAdam recipe run with ``--optim adamw_torch`` is the baseline users ask for; its
+    ``switch_ratio`` means nothing to AdamW, so it is dropped (and said) rather than recorded as if used.
+    Returns a note for the printed configuration ("" when there is nothing to say).
+    """
+    name = str(training_args.optim.value)
+    if is_ours(training_args.optim):
+        parse_optim_args(name, training_args.optim_args)
+        return ""
+    pairs = split_optim_args(training_args.optim_args)
+    if pairs and set(pairs) <= set(DUALADAM_KEYS):
+        dropped = training_args.optim_args
+        training_args.optim_args = None
+        return f"\nnote:            optim_args {dropped!r} are DualAdam's; not used by {name}"
+    return ""
+
+
+def script_main(
+    argument_types: Sequence[type],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    describe: Callable[..., str],
+    run: Callable[..., Any],
+) -> int:
+    """``describe`` and ``run`` take the parsed dataclasses in order, without RunArguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed, note = parse_for_this_machine(argument_types, argv, prog=prog, description=description)
+        run_args = next(args for args in parsed if isinstance(args, RunArguments))
+        settings = [args for args in parsed if not isinstance(args, RunArguments)]
+        note += settle_optim_args(settings[-1])
+        summary = describe(*settings) + note
+    except ValueError as error:  # RecipeError included: one line, naming the culprit
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if run_args.dry_run:
+        print(summary)
+        return 0
+    if settings[-1].process_index == 0:
+        print(summary, flush=True)
+    try:
+        run(*settings)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
