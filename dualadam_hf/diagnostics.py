@@ -19,6 +19,10 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+# Elements per chunk: bounds the temporaries (three fp32 chunks) whatever the size of a tensor.
+CHUNK = 1 << 24
+
+
 @torch.no_grad()
 def inv_share_sums(optimizer: DualAdam) -> tuple[float, float]:
     """(Σ ‖α_t·ũ_t‖², Σ ‖ū_t‖²) over the parameters whose state this process holds."""
@@ -32,12 +36,18 @@ def inv_share_sums(optimizer: DualAdam) -> tuple[float, float]:
                 continue
             step = int(state["step"].item())
             alpha = schedule_alpha(group, step, optimizer._custom_schedule)
-            m_hat = _local(state["exp_avg"]).double() / (1.0 - beta1**step)
-            sqrt_v_hat = (_local(state["exp_avg_sq"]).double() / (1.0 - beta2**step)).sqrt()
-            inv = m_hat * sqrt_v_hat * alpha
-            bar = inv + m_hat / (sqrt_v_hat + group["eps"]) * (1.0 - alpha)
-            inv_sq += inv.square().sum().item()
-            bar_sq += bar.square().sum().item()
+            bias_correction1 = 1.0 - beta1**step
+            bias_correction2 = 1.0 - beta2**step
+            exp_avg = _local(state["exp_avg"]).reshape(-1)
+            exp_avg_sq = _local(state["exp_avg_sq"]).reshape(-1)
+            for m, v in zip(exp_avg.split(CHUNK), exp_avg_sq.split(CHUNK)):
+                m = m.float()
+                sqrt_v_hat = v.float().div(bias_correction2).sqrt_()
+                inv_sq += (alpha / bias_correction1) ** 2 * torch.mul(m, sqrt_v_hat).square_().sum().item()
+                # ū = m̂·(α·√v̂ + (1-α)/(√v̂+ε))
+                factor = torch.add(sqrt_v_hat, group["eps"]).reciprocal_().mul_(1.0 - alpha)
+                factor.add_(sqrt_v_hat, alpha=alpha)
+                bar_sq += torch.mul(m, factor).square_().sum().item() / bias_correction1**2
     return inv_sq, bar_sq
 
 

@@ -34,7 +34,7 @@ def test_inv_share_equals_a_hand_computation():
         u_bar = (old - p.detach()) / lr  # the update the step actually applied (no weight decay)
         bar_sq += u_bar.square().sum().item()
     expected = math.sqrt(inv_sq / bar_sq)
-    assert inv_share(*inv_share_sums(optimizer)) == pytest.approx(expected, rel=1e-9)
+    assert inv_share(*inv_share_sums(optimizer)) == pytest.approx(expected, rel=1e-6)  # fp32 arithmetic
     assert 0.0 < expected < 1.0
 
 

@@ -20,10 +20,12 @@ from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 
+from dualadam_hf.diagnostics import inv_share, inv_share_sums
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
 from dualadam_hf.hf.optim_args import parse_optim_args
 from dualadam_hf.hf.registration import is_ours, run_length
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
+from dualadam_hf.optimizer import DualAdam
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,23 @@ class DualAdamTrainer(Trainer):
             alpha = optimizer.latest_alpha() if optimizer is not None else None
             if alpha is not None:
                 logs["dualadam_alpha"] = alpha
+                share = self._inv_share(optimizer)
+                if share is not None:
+                    logs["dualadam_inv_share"] = share
         super().log(logs, start_time)
+
+    def _inv_share(self, optimizer: DualAdam) -> float | None:
+        """‖α·ũ‖ / ‖ū‖ of the latest step over all parameters (computed only here, at logging steps).
+
+        ZeRO and FSDP2 partition the optimizer state, so each process's sums are added up; under
+        DDP every process holds the whole state and its own sums are the total. Every process calls
+        log(), so the reduction is collective.
+        """
+        sums = inv_share_sums(optimizer)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            totals = self.accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=self.args.device), "sum")
+            sums = tuple(totals.tolist())
+        return inv_share(*sums)
 
     # ---- evaluation ----
 

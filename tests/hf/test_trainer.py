@@ -86,6 +86,9 @@ def test_switch_ratio_half_of_20_steps_gives_alpha_one_minus_step_over_10(tmp_pa
     assert sorted(alphas) == list(range(1, 21))
     for step, alpha in alphas.items():
         assert alpha == pytest.approx(max(0.0, 1 - step / 10), abs=1e-12)
+    shares = {log["step"]: log["dualadam_inv_share"] for log in recorder.logs if "loss" in log}
+    assert all(0.0 < shares[step] <= 1.0 for step in range(1, 10)) and shares[1] > shares[9]
+    assert all(shares[step] == 0.0 for step in range(10, 21))
     evals = [log for log in recorder.logs if "eval_loss" in log]
     assert len(evals) == 2
     assert all({"eval_ppl", "eval_train_loss", "eval_gen_gap"} <= set(log) for log in evals)
@@ -97,7 +100,7 @@ def test_adamw_baseline_reports_the_same_metrics_and_no_alpha(tmp_path, train_se
     trainer.train()
     history = trainer.state.log_history
     assert type(trainer.optimizer.optimizer).__name__ == "AdamW"
-    assert not any("dualadam_alpha" in log for log in history)
+    assert not any("dualadam_alpha" in log or "dualadam_inv_share" in log for log in history)
     evals = [log for log in history if "eval_loss" in log]
     assert evals and {"eval_ppl", "eval_train_loss", "eval_gen_gap"} <= set(evals[-1])
 
