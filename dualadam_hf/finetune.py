@@ -245,7 +245,18 @@ def run(
     trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()  # again, so trainer_state.json holds the final evaluation too
     if trainer.is_world_process_zero():
-        write_run_config(training_args, model=model_args.model_name_or_path, dataset=data_args.dataset_name)
+        write_run_config(
+            training_args,
+            model=model_args.model_name_or_path,
+            use_peft=lora_args.use_peft,
+            # what scripts/flatness.py needs to rebuild the same training examples
+            dataset=data_args.dataset_name,
+            train_split=data_args.train_split,
+            validation_split=data_args.validation_split,
+            validation_fraction=data_args.validation_fraction,
+            split_seed=data_args.split_seed,
+            max_seq_length=data_args.max_seq_length,
+        )
     return {**train_metrics, **eval_metrics}
 
 

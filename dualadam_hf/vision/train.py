@@ -173,6 +173,8 @@ def run(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) 
             dataset=vision_args.dataset_name,
             num_classes=splits.num_classes,
             augmentation=vision_args.augmentation,
+            split_seed=vision_args.split_seed,
+            validation_size=vision_args.validation_size,
         )
     return metrics
 

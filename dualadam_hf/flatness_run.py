@@ -1,0 +1,89 @@
+"""Flatness of a finished run: rebuild its model and a fixed set of its training batches, then measure.
+
+Works on output directories of scripts/finetune.py (full fine-tuning; a LoRA adapter alone is refused)
+and scripts/train_vision.py, from the ``run_config.json`` they write. The batches are the first
+``num_batches * batch_size`` training examples, in order, so two runs on the same data are measured
+on the same batches. The model is in eval mode (no dropout, no augmentation, BatchNorm on running
+statistics): the loss measured is that of the model as it predicts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dualadam_hf.compare import RUN_CONFIG, CompareError
+from dualadam_hf.flatness import hessian_trace, loss_over_batches, top_hessian_eigenvalue
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise CompareError(f"{run_dir}: no {RUN_CONFIG} (not a finished run of our scripts?)")
+    return json.loads(path.read_text())
+
+
+def _vision(run_dir: Path, config: dict[str, Any], count: int) -> tuple[torch.nn.Module, list[dict]]:
+    from safetensors.torch import load_file
+
+    from dualadam_hf.vision.models import build_vision_model
+    from dualadam_hf.vision.train import VisionArguments, load_splits
+
+    splits = load_splits(
+        VisionArguments(model_name=config["model"], dataset_name=config["dataset"],
+                        augmentation=config["augmentation"], split_seed=config.get("split_seed", 0),
+                        validation_size=config.get("validation_size", 5000))
+    )
+    model = build_vision_model(config["model"], splits.num_classes, splits.mean, splits.std, config["augmentation"])
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    examples = [splits.train[i] for i in range(min(count, len(splits.train)))]
+    return model, examples
+
+
+def _causal_lm(run_dir: Path, config: dict[str, Any], count: int) -> tuple[torch.nn.Module, list[dict]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dualadam_hf.sft_data import DataArguments, prepare_datasets
+
+    if config.get("use_peft"):
+        raise CompareError(f"{run_dir}: a LoRA adapter run; flatness is measured on fully fine-tuned models")
+    # eager attention: fused SDPA kernels have no double backward, which Hessian-vector products need
+    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    data_args = DataArguments(
+        dataset_name=config["dataset"], train_split=config["train_split"],
+        validation_split=config["validation_split"], validation_fraction=config["validation_fraction"],
+        split_seed=config["split_seed"], max_seq_length=config["max_seq_length"],
+    )
+    train = prepare_datasets(data_args, tokenizer).train
+    return model, [train[i] for i in range(min(count, len(train)))]
+
+
+def measure_run(
+    run_dir: Path, num_batches: int = 4, batch_size: int = 64, iters: int = 50, samples: int = 100, seed: int = 0
+) -> dict[str, Any]:
+    """Top Hessian eigenvalue (power iteration) and trace (Hutchinson, with its standard error)."""
+    config = _read_config(run_dir)
+    if "augmentation" in config:
+        from transformers import default_data_collator as collate
+
+        model, examples = _vision(run_dir, config, num_batches * batch_size)
+    else:
+        from dualadam_hf.sft_data import SFTCollator
+
+        model, examples = _causal_lm(run_dir, config, num_batches * batch_size)
+        collate = SFTCollator(model.config.pad_token_id)
+    batches = [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_over_batches(model, batches).item()
+    eigenvalue = top_hessian_eigenvalue(lambda: loss_over_batches(model, batches), params, iters=iters, seed=seed)
+    trace, trace_stderr = hessian_trace(lambda: loss_over_batches(model, batches), params, samples=samples, seed=seed)
+    return {
+        "run": str(run_dir), "optimizer": config.get("optim"), "seed": config.get("seed"),
+        "examples": len(examples), "loss": loss, "top_eigenvalue": eigenvalue,
+        "trace": trace, "trace_stderr": trace_stderr,
+    }
