@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualadam_hf.compare import write_run_config
 from dualadam_hf.hf.optim_args import DUALADAM_KEYS, parse_optim_args, split_optim_args
 from dualadam_hf.hf.registration import is_ours
 from dualadam_hf.recipe import parse_for_this_machine
@@ -76,3 +77,30 @@ def script_main(
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def train_and_save(
+    trainer: Any,
+    training_args: Any,
+    *,
+    evaluations: Sequence[tuple[str, Any]],
+    run_config: dict[str, Any],
+    extra_train_metrics: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Train (resuming if asked), save the model and trainer_state.json, evaluate on each
+    (metric prefix, dataset or None for the validation set), save every metrics file and run_config.json."""
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(result.metrics, **(extra_train_metrics or {}))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    for prefix, dataset in evaluations:
+        split_metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+    trainer.save_state()  # again, so trainer_state.json holds the final evaluations too
+    if trainer.is_world_process_zero():
+        write_run_config(training_args, **run_config)
+    return metrics

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualadam_hf.cli import RunArguments, script_main
-from dualadam_hf.compare import write_run_config
+from dualadam_hf.cli import RunArguments, script_main, train_and_save
 from dualadam_hf.hf.optim_args import parse_optim_args
 from dualadam_hf.hf.registration import is_ours
 from dualadam_hf.hf.trainer import DualAdamTrainingArguments
@@ -230,23 +229,14 @@ def run(
         data_collator=SFTCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.save_state()
-    train_metrics = dict(
-        result.metrics,
-        train_truncated_examples=data.num_truncated_train,
-        eval_truncated_examples=data.num_truncated_eval,
-    )
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    eval_metrics = trainer.evaluate()
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-    trainer.save_state()  # again, so trainer_state.json holds the final evaluation too
-    if trainer.is_world_process_zero():
-        write_run_config(
-            training_args,
+    return train_and_save(
+        trainer,
+        training_args,
+        evaluations=[("eval", None)],
+        extra_train_metrics=dict(
+            train_truncated_examples=data.num_truncated_train, eval_truncated_examples=data.num_truncated_eval
+        ),
+        run_config=dict(
             model=model_args.model_name_or_path,
             use_peft=lora_args.use_peft,
             # what scripts/flatness.py needs to rebuild the same training examples
@@ -256,8 +246,8 @@ def run(
             validation_fraction=data_args.validation_fraction,
             split_seed=data_args.split_seed,
             max_seq_length=data_args.max_seq_length,
-        )
-    return {**train_metrics, **eval_metrics}
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py", description: str = "") -> int:

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualadam_hf.compare import write_run_config
-from dualadam_hf.cli import RunArguments, script_main
+from dualadam_hf.cli import RunArguments, script_main, train_and_save
 from dualadam_hf.finetune import optimizer_summary
 from dualadam_hf.hf.trainer import DualAdamTrainingArguments
 from dualadam_hf.sft_data import DataError
@@ -153,30 +152,20 @@ def run(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) 
         eval_dataset=splits.validation,
         data_collator=default_data_collator,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.save_state()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    metrics = dict(result.metrics)
     # The test split is measured once, after training; nothing during the run looks at it.
-    for split, dataset in (("eval", None), ("test", splits.test)):
-        split_metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
-        trainer.log_metrics(split, split_metrics)
-        trainer.save_metrics(split, split_metrics)
-        metrics.update(split_metrics)
-    trainer.save_state()  # again, so trainer_state.json holds the final evaluations too
-    if trainer.is_world_process_zero():
-        write_run_config(
-            training_args,
+    return train_and_save(
+        trainer,
+        training_args,
+        evaluations=[("eval", None), ("test", splits.test)],
+        run_config=dict(
             model=vision_args.model_name,
             dataset=vision_args.dataset_name,
             num_classes=splits.num_classes,
             augmentation=vision_args.augmentation,
             split_seed=vision_args.split_seed,
             validation_size=vision_args.validation_size,
-        )
-    return metrics
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "train_vision.py", description: str = "") -> int:
