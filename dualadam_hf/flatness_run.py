@@ -87,3 +87,16 @@ def measure_run(
         "examples": len(examples), "loss": loss, "top_eigenvalue": eigenvalue,
         "trace": trace, "trace_stderr": trace_stderr,
     }
+
+
+def group_statistics(results: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{group: {"top_eigenvalue" | "trace" | "loss": {"mean", "std" (sample), "n"}}}."""
+    from dualadam_hf.sweep import mean_std
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for group, result in results:
+        groups.setdefault(group, []).append(result)
+    return {
+        group: {key: mean_std([r[key] for r in runs]) for key in ("top_eigenvalue", "trace", "loss")}
+        for group, runs in groups.items()
+    }

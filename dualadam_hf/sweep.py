@@ -56,11 +56,15 @@ def aggregate(summaries: list[dict[str, Any]], variants: list[str]) -> dict[str,
         keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and k not in ("seed",)]
         table[variant] = {}
         for key in keys:
-            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            table[variant][key] = {"mean": mean, "std": std, "n": len(values)}
+            table[variant][key] = mean_std([r[key] for r in runs if isinstance(r.get(key), (int, float))])
     return table
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (n - 1; 0 for one value) and n."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
 
 
 def aggregate_markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -5,7 +5,8 @@ Usage:
 
 RUN_DIR is an output_dir of scripts/train_vision.py or scripts/finetune.py (full fine-tuning). The loss
 is measured in eval mode on the first batches*batch_size training examples, the same for every run on
-the same data. Writes RUN_DIR/flatness.json and prints one line per run.
+the same data. Writes RUN_DIR/flatness.json and prints one line per run; with several runs, also the mean ± sample
+std per parent directory (a sweep's variant: OUT/VARIANT/seedN).
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dualadam_hf.compare import CompareError
-from dualadam_hf.flatness_run import measure_run
+from dualadam_hf.flatness_run import group_statistics, measure_run
 
 
 def main() -> int:
@@ -26,6 +27,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100, help="Rademacher vectors for the Hutchinson trace")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
     args = parser.parse_args()
+    results = []
     for run_dir in args.run_dirs:
         try:
             result = measure_run(run_dir, args.batches, args.batch_size, args.iters, args.samples, args.seed)
@@ -35,6 +37,11 @@ def main() -> int:
         (run_dir / "flatness.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"{run_dir}: loss {result['loss']:.4g}, top eigenvalue {result['top_eigenvalue']:.4g}, "
               f"trace {result['trace']:.4g} ± {result['trace_stderr']:.2g}", flush=True)
+        results.append((run_dir.resolve().parent.name, result))
+    if len(results) > 1:
+        for group, stats in group_statistics(results).items():
+            print(f"{group}: " + ", ".join(f"{key} {s['mean']:.4g} ± {s['std']:.2g} (n={s['n']})"
+                                           for key, s in stats.items()))
     return 0
 
 

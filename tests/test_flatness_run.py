@@ -51,3 +51,14 @@ def test_tiny_llm_run_is_measured(tmp_path):
 def test_a_directory_without_run_config_is_refused(tmp_path):
     with pytest.raises(CompareError, match="no run_config.json"):
         measure_run(tmp_path)
+
+
+def test_group_statistics_by_variant():
+    from dualadam_hf.flatness_run import group_statistics
+
+    results = [("a", {"top_eigenvalue": 1.0, "trace": 2.0, "loss": 0.1}),
+               ("a", {"top_eigenvalue": 3.0, "trace": 4.0, "loss": 0.3}),
+               ("b", {"top_eigenvalue": 5.0, "trace": 6.0, "loss": 0.5})]
+    stats = group_statistics(results)
+    assert stats["a"]["top_eigenvalue"] == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert stats["b"]["trace"] == {"mean": 6.0, "std": 0.0, "n": 1}
