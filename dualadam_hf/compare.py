@@ -105,9 +105,9 @@ def compare(run_dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     """Load every run first (a bad directory is refused before anything is written), then write."""
     runs = [load_run(directory) for directory in run_dirs]
     names = [run.name for run in runs]
-    if len(set(names)) != len(names):  # two .../dualadam directories would overwrite each other's lines
+    if len(set(names)) != len(names):  # a sweep's OUT/VARIANT/seedN: name runs VARIANT/seedN
         for run, directory in zip(runs, run_dirs):
-            run.name = str(directory)
+            run.name = f"{directory.resolve().parent.name}/{directory.name}"
     summaries = [summarize_run(run) for run in runs]
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def _figure(title: str, ylabel: str, log_y: bool = False):
 
 def _save(figure, axes, path: Path) -> Path:
     if axes.get_legend_handles_labels()[0]:
-        axes.legend()
+        axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
