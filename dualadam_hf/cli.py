@@ -2,7 +2,7 @@
 
 ``script_main`` parses a recipe, settles ``optim_args``, prints the resolved configuration, and either
 stops there (--dry_run) or runs. Every user mistake ends in one line on stderr and a non-zero exit:
-2 for the recipe or the command line, 1 for data or models that cannot be loaded.
+2 for the recipe, the command line or the launch configuration, 1 for data or models that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from dualadam_hf.compare import write_run_config
 from dualadam_hf.hf.optim_args import DUALADAM_KEYS, parse_optim_args, split_optim_args
 from dualadam_hf.hf.registration import is_ours
+from dualadam_hf.hf.trainer import DeepSpeedConfigError
 from dualadam_hf.recipe import parse_for_this_machine
 from dualadam_hf.sft_data import DataError
 
@@ -76,6 +77,9 @@ def script_main(
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except DeepSpeedConfigError as error:  # the launcher's config, read once the Trainer exists
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ from transformers.trainer_utils import speed_metrics
 from dualadam_hf.diagnostics import inv_share, inv_share_sums
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
 from dualadam_hf.hf.optim_args import parse_optim_args
-from dualadam_hf.hf.registration import is_ours, run_length
+from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
 from dualadam_hf.optimizer import DualAdam
 
@@ -32,6 +34,38 @@ logger = logging.getLogger(__name__)
 # Default size of the training subset measured at each evaluation: the validation set's size, capped,
 # so that evaluation costs at most about twice a plain HF evaluation.
 TRAIN_EVAL_CAP = 2048
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed config would make another optimizer train while ``optim`` names ours."""
+
+
+@contextmanager
+def zero3_partitions_in_groups(optimizer: Any) -> Iterator[None]:
+    """Let DualAdam's param groups show the tensors it steps under DeepSpeed ZeRO-3.
+
+    ZeRO-3 steps the base optimizer once per sub-group, putting that sub-group's flat fp32 partition
+    into ``param_groups[i]["params"]`` only for the step and leaving the list empty afterwards, so
+    reading alpha or the state between steps would find nothing. Elsewhere this does nothing.
+    """
+    zero3 = optimizer
+    while zero3 is not None and not hasattr(zero3, "fp32_partitioned_groups_flat"):
+        zero3 = getattr(zero3, "optimizer", None)
+    if zero3 is None:
+        yield
+        return
+    groups = zero3.optimizer.param_groups
+    saved = [group["params"] for group in groups]
+    visible: list[list[torch.Tensor]] = [[] for _ in groups]
+    for sub_group, group_index in zero3.sub_group_to_group_id.items():
+        visible[group_index].append(zero3.fp32_partitioned_groups_flat[sub_group])
+    try:
+        for group, params in zip(groups, visible):
+            group["params"] = params
+        yield
+    finally:
+        for group, params in zip(groups, saved):
+            group["params"] = params
 
 
 @dataclass
@@ -69,10 +103,33 @@ class DualAdamTrainer(Trainer):
         if is_ours(self.args.optim):
             # refuse a misspelt optim_args key now, not after the model is loaded and wrapped
             parse_optim_args(str(self.args.optim.value), self.args.optim_args)
+            self._refuse_replaced_optimizer()
         self._train_eval_subset: Dataset | None = None
         self._eval_task: str | None = None
 
     # ---- optimizer ----
+
+    def _refuse_replaced_optimizer(self) -> None:
+        """Two DeepSpeed settings train another optimizer than the one ``optim`` names, silently: an
+        ``optimizer`` block (the Trainer hands DeepSpeed a placeholder and DeepSpeed builds its own;
+        transformers issues 11749, 38753), and optimizer offload without
+        ``"zero_force_ds_cpu_optimizer": false`` (Accelerate swaps ours for DeepSpeedCPUAdam;
+        accelerate PRs 1208, 3255). The config is the launcher's or ``--deepspeed``'s, as merged here."""
+        if not self.is_deepspeed_enabled:
+            return
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        name = str(self.args.optim.value)
+        ours = f"{OPTIMIZERS[name].__name__} (optim={name})"
+        if "optimizer" in config:
+            raise DeepSpeedConfigError(
+                f"DeepSpeed config has an 'optimizer' block: it would replace {ours}; remove the block"
+            )
+        offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        if offload.get("device", "none") != "none" and config.get("zero_force_ds_cpu_optimizer", True):
+            raise DeepSpeedConfigError(
+                f"DeepSpeed config offloads the optimizer to {offload['device']}: Accelerate would replace {ours} "
+                'with DeepSpeedCPUAdam; add "zero_force_ds_cpu_optimizer": false to the DeepSpeed config'
+            )
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         # state.max_steps is the run's total optimizer steps once training has started: switch_ratio needs it
@@ -81,15 +138,31 @@ class DualAdamTrainer(Trainer):
         logger.info("optimizer: %s", type(unwrap_optimizer(optimizer)).__name__)
         return optimizer
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP with sharded checkpoints the Trainer's save_model writes no model at all: the
+        model a run hands over is gathered into one loadable file instead (the final save that
+        accelerate's ``set_state_dict_type`` is meant for); checkpoints stay sharded."""
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if plugin is None or _internal_call or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            super().save_model(output_dir, _internal_call)
+            return
+        sharded = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            plugin.set_state_dict_type(sharded)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             optimizer = find_dualadam(self.optimizer)
-            alpha = optimizer.latest_alpha() if optimizer is not None else None
-            if alpha is not None:
-                logs["dualadam_alpha"] = alpha
-                share = self._inv_share(optimizer)
-                if share is not None:
-                    logs["dualadam_inv_share"] = share
+            with zero3_partitions_in_groups(self.optimizer):
+                alpha = optimizer.latest_alpha() if optimizer is not None else None
+                if alpha is not None:
+                    logs["dualadam_alpha"] = alpha
+                    share = self._inv_share(optimizer)
+                    if share is not None:
+                        logs["dualadam_inv_share"] = share
         super().log(logs, start_time)
 
     def _inv_share(self, optimizer: DualAdam) -> float | None:
