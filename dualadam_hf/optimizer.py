@@ -7,6 +7,7 @@ backends (single-tensor loop, foreach, fused) do element-wise arithmetic only an
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -304,15 +305,18 @@ def _dispatch(
 
 
 def _choose_backend(group: dict[str, Any], entries: list) -> Callable[..., None]:
-    fused = group["fused"]
-    if fused is None and not group["foreach"]:
-        from dualadam_hf import fused as fused_backend
-
-        fused = fused_backend.preferred([p for p, _, _ in entries])
-    if fused:
+    """fused=True: fused; foreach=False: single-tensor; fused=None and foreach unset: fused where
+    ``dualadam_hf.fused.preferred`` says it pays (falling back to foreach if compiling fails),
+    else foreach."""
+    if group["fused"]:
         from dualadam_hf import fused as fused_backend
 
         return fused_backend.fused_dualadam
+    if group["fused"] is None and group["foreach"] is None:
+        from dualadam_hf import fused as fused_backend
+
+        if fused_backend.preferred([p for p, _, _ in entries]):
+            return functools.partial(fused_backend.fused_dualadam, fall_back=True)
     if group["foreach"] is False:
         return _single_tensor_dualadam
     return _multi_tensor_dualadam
@@ -373,30 +377,30 @@ def _multi_tensor_dualadam(
         gs = [g.float() for g in grads]
     else:
         compute, ms, vs, gs = params, exp_avgs, exp_avg_sqs, grads
-    if s.maximize:
-        gs = torch._foreach_neg(gs)  # new tensors: .grad itself is never written
-
     if s.decay != 1.0:
         torch._foreach_mul_(compute, s.decay)
-    torch._foreach_lerp_(ms, gs, 1.0 - s.beta1)
+    if s.maximize:  # m <- beta1 m - (1 - beta1) g, without a negated copy of the gradients
+        torch._foreach_mul_(ms, s.beta1)
+        torch._foreach_add_(ms, gs, alpha=-(1.0 - s.beta1))
+    else:
+        torch._foreach_lerp_(ms, gs, 1.0 - s.beta1)
     torch._foreach_mul_(vs, s.beta2)
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - s.beta2)
 
     if s.lr != 0.0:
+        # Fewer passes than the textbook order: with r = sqrt(v) and b = sqrt(1 - beta2^t),
+        # sqrt(v_hat) = r / b, so the bias corrections and eps fold into the scalars:
+        #   InvAdam  m_hat * sqrt(v_hat)         = (m / bc1) * r / b
+        #   Adam     m_hat / (sqrt(v_hat) + eps) = (m / bc1) * b / (r + eps * b)
+        # and the blend is two updates of the parameter, one per term.
         step_size = s.lr / s.bias_correction1
-        sqrt_v_hat = torch._foreach_sqrt(vs)
-        torch._foreach_div_(sqrt_v_hat, s.bias_correction2_sqrt)
-        if s.alpha == 0.0:
-            torch._foreach_add_(sqrt_v_hat, s.eps)
-            torch._foreach_addcdiv_(compute, ms, sqrt_v_hat, value=-step_size)
-        elif s.alpha == 1.0:
-            torch._foreach_addcmul_(compute, ms, sqrt_v_hat, value=-step_size)
-        else:
-            factor = torch._foreach_add(sqrt_v_hat, s.eps)
-            torch._foreach_reciprocal_(factor)
-            torch._foreach_mul_(factor, 1.0 - s.alpha)
-            torch._foreach_add_(factor, sqrt_v_hat, alpha=s.alpha)
-            torch._foreach_addcmul_(compute, ms, factor, value=-step_size)
+        b = s.bias_correction2_sqrt
+        root = torch._foreach_sqrt(vs)
+        if s.alpha != 0.0:
+            torch._foreach_addcmul_(compute, ms, root, value=-s.alpha * step_size / b)
+        if s.alpha != 1.0:
+            torch._foreach_add_(root, s.eps * b)
+            torch._foreach_addcdiv_(compute, ms, root, value=-(1.0 - s.alpha) * step_size * b)
 
     if low_precision:
         torch._foreach_copy_(params, compute)
