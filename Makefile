@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 test: $(INSTALLED)
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest --durations=10
 
 test-fast: $(INSTALLED)
 	$(PYTHON) -m pytest -m "not slow"
