@@ -347,3 +347,9 @@ def test_callable_schedule_state_dict_loads_weights_only():
     state = torch.load(buffer, weights_only=True)
     assert state["param_groups"][0]["schedule"] == "callable"
 
+
+
+def test_unscaling_stays_with_the_caller():
+    # With _step_supports_amp_scaling the GradScaler would hand us scaled gradients and skip its
+    # inf checks (pytorch PR 81705); InvAdam's term is not scale-invariant, so that must not happen.
+    assert not getattr(DualAdam(make_params()), "_step_supports_amp_scaling", False)
