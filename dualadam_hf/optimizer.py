@@ -89,6 +89,17 @@ def _check_schedule(schedule: Any, switch_rate: float, switch_base: Any, switch_
         raise ValueError(f"DualAdam: schedule='step' needs a non-negative integer switch_step, got {switch_step!r}")
 
 
+def _without_empty_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list:
+    """Param groups without the empty ones (the HF Trainer's no-decay group is empty for a model with
+    no biases or norms, and an empty group breaks distributed checkpoint loading: pytorch issue
+    143828). Plain tensors, or nothing but empty groups, are passed on as given."""
+    params = list(params)
+    if not params or not isinstance(params[0], dict):
+        return params
+    groups = [dict(group, params=list(group["params"])) for group in params]
+    return [group for group in groups if group["params"]] or groups
+
+
 class DualAdam(torch.optim.Optimizer):
     r"""DualAdam: InvAdam early, Adam late (arXiv 2603.07122, Algorithm 1).
 
@@ -168,7 +179,7 @@ class DualAdam(torch.optim.Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(_without_empty_groups(params), defaults)
         if fused:
             from dualadam_hf import fused as fused_backend
 

@@ -353,3 +353,16 @@ def test_unscaling_stays_with_the_caller():
     # With _step_supports_amp_scaling the GradScaler would hand us scaled gradients and skip its
     # inf checks (pytorch PR 81705); InvAdam's term is not scale-invariant, so that must not happen.
     assert not getattr(DualAdam(make_params()), "_step_supports_amp_scaling", False)
+
+
+def test_empty_param_groups_are_dropped():
+    params = make_params()
+    optimizer = DualAdam([dict(params=params, weight_decay=0.1), dict(params=iter([]), weight_decay=0.0)])
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 0.1
+    run(optimizer, params, make_grads(2))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    again = DualAdam([dict(params=make_params(), weight_decay=0.1), dict(params=[], weight_decay=0.0)])
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    assert len(DualAdam([dict(params=[])]).param_groups) == 1  # nothing but empty groups: as torch does
