@@ -114,3 +114,17 @@ def test_the_adamw_baseline_of_a_dualadam_recipe_drops_its_optim_args(capsys, no
     out = capsys.readouterr().out
     assert "optimizer:       adamw_torch" in out
     assert "optim_args 'switch_ratio=0.3' are DualAdam's; not used by adamw_torch" in out
+
+
+def test_lora_run_resumes_from_its_checkpoint(tmp_path):
+    # peft issues 859, 1313: a LoRA optimizer state that does not match the new param groups
+    out, resumed_dir = tmp_path / "lora", tmp_path / "lora_resumed"
+    lora = ["--use_peft", "true", "--lora_r", "4"]
+    assert main([TINY, "--output_dir", str(out), *SHORT, *lora, "--save_strategy", "steps", "--save_steps", "2"]) == 0
+    assert main([TINY, "--output_dir", str(resumed_dir), *SHORT, *lora,
+                 "--resume_from_checkpoint", str(out / "checkpoint-2")]) == 0
+    straight = [e for e in history(out) if "loss" in e]
+    resumed = [e for e in history(resumed_dir) if "loss" in e]
+    for a, b in zip(resumed[2:], straight[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["dualadam_alpha"] == pytest.approx(b["dualadam_alpha"])
