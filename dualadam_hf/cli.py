@@ -7,13 +7,14 @@ stops there (--dry_run) or runs. Every user mistake ends in one line on stderr a
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dualadam_hf.compare import write_run_config
-from dualadam_hf.hf.optim_args import DUALADAM_KEYS, parse_optim_args, split_optim_args
+from dualadam_hf.hf.optim_args import DUALADAM_KEYS, check_optimizer_settings, split_optim_args
 from dualadam_hf.hf.registration import is_ours
 from dualadam_hf.hf.trainer import DeepSpeedConfigError
 from dualadam_hf.recipe import parse_for_this_machine
@@ -29,22 +30,23 @@ class RunArguments:
 
 
 def settle_optim_args(training_args: Any) -> str:
-    """Check ``optim_args`` for DualAdam/InvAdam; for another optimizer, drop DualAdam's own keys.
+    """Check DualAdam's settings in full; for any other optimizer, drop DualAdam's own optim_args keys.
 
-    A DualAdam recipe run with ``--optim adamw_torch`` is the baseline users ask for; its
-    ``switch_ratio`` means nothing to AdamW, so it is dropped (and said) rather than recorded as if used.
+    A DualAdam recipe run with ``--optim adamw_torch`` (or ``invadam``) is the baseline users ask for;
+    its ``switch_ratio`` means nothing there, so it is dropped (and said) rather than recorded as if used.
     Returns a note for the printed configuration ("" when there is nothing to say).
     """
     name = str(training_args.optim.value)
-    if is_ours(training_args.optim):
-        parse_optim_args(name, training_args.optim_args)
-        return ""
     pairs = split_optim_args(training_args.optim_args)
-    if pairs and set(pairs) <= set(DUALADAM_KEYS):
+    if name != "dualadam" and pairs and set(pairs) <= set(DUALADAM_KEYS):
         dropped = training_args.optim_args
         training_args.optim_args = None
-        return f"\nnote:            optim_args {dropped!r} are DualAdam's; not used by {name}"
-    return ""
+        note = f"\nnote:            optim_args {dropped!r} are DualAdam's; not used by {name}"
+    else:
+        note = ""
+    if is_ours(training_args.optim):
+        check_optimizer_settings(name, training_args)
+    return note
 
 
 def script_main(
@@ -108,3 +110,18 @@ def train_and_save(
     if trainer.is_world_process_zero():
         write_run_config(training_args, **run_config)
     return metrics
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type`` for numbers of ``kind`` no smaller than ``minimum``; argparse names the flag."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse

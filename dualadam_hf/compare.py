@@ -46,12 +46,17 @@ def load_run(directory: Path) -> Run:
         raise CompareError(f"{directory}: no trainer_state.json (not a finished run directory?)")
     try:
         history = json.loads(state_path.read_text())["log_history"]
-    except (json.JSONDecodeError, KeyError):
-        raise CompareError(f"{state_path}: not a trainer state with a log_history") from None
+        if not all(isinstance(entry, dict) and "step" in entry for entry in history):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CompareError(f"{state_path}: not a trainer state whose log_history entries have a step") from None
     optimizer = "unknown"
     config_path = directory / RUN_CONFIG
     if config_path.is_file():
-        optimizer = json.loads(config_path.read_text()).get("optim", "unknown")
+        try:
+            optimizer = json.loads(config_path.read_text()).get("optim", "unknown")
+        except (json.JSONDecodeError, AttributeError):
+            raise CompareError(f"{config_path}: not a JSON object") from None
     return Run(name=directory.name, optimizer=optimizer, history=history)
 
 
@@ -103,6 +108,8 @@ def summary_markdown(summaries: list[dict[str, Any]]) -> str:
 
 def compare(run_dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     """Load every run first (a bad directory is refused before anything is written), then write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CompareError(f"{out_dir}: exists and is not a directory")
     runs = [load_run(directory) for directory in run_dirs]
     names = [run.name for run in runs]
     if len(set(names)) != len(names):  # a sweep's OUT/VARIANT/seedN: name runs VARIANT/seedN

@@ -23,7 +23,13 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise CompareError(f"{run_dir}: no {RUN_CONFIG} (not a finished run of our scripts?)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict):
+        raise CompareError(f"{path}: not a JSON object")
+    return config
 
 
 def _vision(run_dir: Path, config: dict[str, Any], count: int) -> tuple[torch.nn.Module, list[dict]]:
@@ -66,16 +72,21 @@ def measure_run(
     run_dir: Path, num_batches: int = 4, batch_size: int = 64, iters: int = 50, samples: int = 100, seed: int = 0
 ) -> dict[str, Any]:
     """Top Hessian eigenvalue (power iteration) and trace (Hutchinson, with its standard error)."""
+    from dualadam_hf.sft_data import DataError, SFTCollator
+
     config = _read_config(run_dir)
-    if "augmentation" in config:
-        from transformers import default_data_collator as collate
+    try:
+        if "augmentation" in config:
+            from transformers import default_data_collator as collate
 
-        model, examples = _vision(run_dir, config, num_batches * batch_size)
-    else:
-        from dualadam_hf.sft_data import SFTCollator
-
-        model, examples = _causal_lm(run_dir, config, num_batches * batch_size)
-        collate = SFTCollator(model.config.pad_token_id)
+            model, examples = _vision(run_dir, config, num_batches * batch_size)
+        else:
+            model, examples = _causal_lm(run_dir, config, num_batches * batch_size)
+            collate = SFTCollator(model.config.pad_token_id)
+    except KeyError as error:
+        raise CompareError(f"{run_dir / RUN_CONFIG}: no {error.args[0]!r}") from None
+    except (OSError, DataError) as error:  # no saved model, data that cannot be rebuilt
+        raise CompareError(f"{run_dir}: cannot rebuild the run: {str(error).splitlines()[0]}") from None
     batches = [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]

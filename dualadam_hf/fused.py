@@ -31,9 +31,8 @@ When ``fused=None`` picks this backend (``preferred``), and why:
 - Plain tensors only: FSDP2's DTensor and other subclasses take the foreach backend, which
   dispatches through the subclass; ``fused=True`` with them is refused with the reason.
 - CPU, for param groups of at least ``FUSED_MIN_NUMEL`` elements. The first steps pay the compiles
-  (~16 s cold for a DualAdam run on a 2-vCPU machine, ~4 s with inductor's on-disk cache warm): a
-  10M-parameter model earns that back in a few hundred steps, a 1M one only after ~12,000
-  (docs/benchmarks.md).
+  (~16 s cold for a DualAdam run on a 2-vCPU machine): worth it for models that train for thousands of
+  steps, not for tiny models and test runs (docs/benchmarks.md).
 - Not CUDA, by default: every tensor is still a kernel launch and a few microseconds of host time,
   where torch's foreach and fused kernels serve many tensors per launch, so a model of many small
   tensors may lose. Not measured yet: ``fused=True`` runs the compiled kernels on CUDA (Triton), and

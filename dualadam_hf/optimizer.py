@@ -54,7 +54,7 @@ def schedule_alpha(group: dict[str, Any], step: int, custom: Callable[[int], flo
     return alpha
 
 
-def _check_hyperparameters(
+def check_hyperparameters(
     lr: float, betas: tuple[float, float], eps: float, weight_decay: float, name: str
 ) -> None:
     if not lr >= 0.0:
@@ -70,7 +70,7 @@ def _check_hyperparameters(
         raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
 
 
-def _check_schedule(schedule: Any, switch_rate: float, switch_base: Any, switch_step: Any) -> None:
+def check_schedule(schedule: Any, switch_rate: float, switch_base: Any, switch_step: Any) -> None:
     if not switch_rate >= 0.0:
         raise ValueError(f"DualAdam: switch_rate must be >= 0, got {switch_rate}")
     if callable(schedule):
@@ -161,8 +161,8 @@ class DualAdam(torch.optim.Optimizer):
         fused: bool | None = None,
     ) -> None:
         name = type(self).__name__
-        _check_hyperparameters(lr, betas, eps, weight_decay, name)
-        _check_schedule(schedule, switch_rate, switch_base, switch_step)
+        check_hyperparameters(lr, betas, eps, weight_decay, name)
+        check_schedule(schedule, switch_rate, switch_base, switch_step)
         if fused and foreach:
             raise ValueError(f"{name}: fused=True and foreach=True are exclusive; pick one")
         self._custom_schedule = schedule if callable(schedule) else None
@@ -188,9 +188,9 @@ class DualAdam(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], type(self).__name__)
+        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], type(self).__name__)
         if group["schedule"] != CALLABLE_SCHEDULE:
-            _check_schedule(group["schedule"], group["switch_rate"], group["switch_base"], group["switch_step"])
+            check_schedule(group["schedule"], group["switch_rate"], group["switch_base"], group["switch_step"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -212,7 +212,7 @@ def tokenize_record(tokenizer, record: dict, max_seq_length: int) -> dict:
     examples yield a NaN loss.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; the response must end with one")
+        raise DataError("the tokenizer has no eos token; the response must end with one")
     prompt = build_prompt(tokenizer, record["instruction"], record.get("input") or "")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None and not _has_chat_template(tokenizer):

@@ -2,7 +2,8 @@
 
 Each run is a subprocess of a training script (scripts/finetune.py or scripts/train_vision.py) with
 ``--seed N --output_dir OUT/VARIANT/seedN`` and the variant's flags; a run whose directory already holds
-trainer_state.json is kept, so an interrupted sweep continues where it stopped.
+run_config.json (written last, after the final evaluations) is kept, so an interrupted sweep continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualadam_hf.compare import compare, summary_markdown
+from dualadam_hf.compare import RUN_CONFIG, compare, summary_markdown
 
 @dataclass(frozen=True)
 class Variant:
@@ -32,13 +33,20 @@ def parse_variant(text: str) -> Variant:
     return Variant(name.strip(), tuple(shlex.split(flags)))
 
 
+def check_unique(values: list, what: str) -> None:
+    """A repeated variant or seed would reuse one run and count it twice in the aggregate."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{what} given more than once: {', '.join(repeated)}")
+
+
 def run_directory(out_dir: Path, variant: Variant, seed: int) -> Path:
     return out_dir / variant.name / f"seed{seed}"
 
 
 def run_one(script: Path, recipe: Path, variant: Variant, seed: int, out_dir: Path, extra: list[str]) -> Path:
     directory = run_directory(out_dir, variant, seed)
-    if (directory / "trainer_state.json").is_file():
+    if (directory / RUN_CONFIG).is_file():
         print(f"[sweep] {variant.name} seed {seed}: done already, kept", flush=True)
         return directory
     command = [sys.executable, str(script), str(recipe), *extra, *variant.flags,
@@ -84,6 +92,8 @@ def aggregate_markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
 def run_sweep(
     script: Path, recipe: Path, variants: list[Variant], seeds: list[int], out_dir: Path, extra: list[str]
 ) -> dict[str, Any]:
+    check_unique([v.name for v in variants], "variant name")
+    check_unique(seeds, "seed")
     runs = []
     for seed in seeds:  # seeds outermost: a partial sweep still has every variant for the first seeds
         for variant in variants:

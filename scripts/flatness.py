@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from dualadam_hf.cli import at_least
 from dualadam_hf.compare import CompareError
 from dualadam_hf.flatness_run import group_statistics, measure_run
 
@@ -21,10 +22,10 @@ from dualadam_hf.flatness_run import group_statistics, measure_run
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="finished run directories")
-    parser.add_argument("--batches", type=int, default=4, help="number of fixed training batches")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch")
-    parser.add_argument("--iters", type=int, default=50, help="power-iteration steps for the top eigenvalue")
-    parser.add_argument("--samples", type=int, default=100, help="Rademacher vectors for the Hutchinson trace")
+    parser.add_argument("--batches", type=at_least(1), default=4, help="number of fixed training batches")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="examples per batch")
+    parser.add_argument("--iters", type=at_least(1), default=50, help="power-iteration steps for the top eigenvalue")
+    parser.add_argument("--samples", type=at_least(2), default=100, help="Rademacher vectors for the Hutchinson trace")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
     args = parser.parse_args()
     results = []

@@ -16,18 +16,21 @@ import argparse
 import json
 import pathlib
 
+from dualadam_hf.cli import at_least
 from dualadam_hf.landscape import OPTIMIZERS, plot_trajectories, run_landscapes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=16, help="runs per landscape and optimizer (default: 16)")
+    parser.add_argument("--seeds", type=at_least(1), default=16, help="runs per landscape and optimizer (default: 16)")
     parser.add_argument(
-        "--noise", type=float, default=0.0, help="std of Gaussian noise added to each gradient component (default: 0)"
+        "--noise", type=at_least(0.0, float), default=0.0, help="std of Gaussian noise added to each gradient component (default: 0)"
     )
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default: 2000)")
+    parser.add_argument("--steps", type=at_least(1), default=2000, help="optimizer steps per run (default: 2000)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/landscape"), help="output directory")
     args = parser.parse_args()
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
 
     results = run_landscapes(seeds=args.seeds, noise_std=args.noise, steps=args.steps)
     args.out.mkdir(parents=True, exist_ok=True)

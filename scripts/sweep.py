@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dualadam_hf.sweep import aggregate_markdown, parse_variant, run_sweep
+from dualadam_hf.sweep import aggregate_markdown, check_unique, parse_variant, run_sweep
 
 
 def main() -> int:
@@ -30,6 +30,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         variants = [parse_variant(text) for text in args.variants]
+        extra = shlex.split(args.extra)
+        check_unique([v.name for v in variants], "variant name")
+        check_unique(args.seeds, "seed")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -38,7 +41,7 @@ def main() -> int:
             print(f"error: not found: {path}", file=sys.stderr)
             return 2
     try:
-        result = run_sweep(args.script, args.recipe, variants, args.seeds, args.out, shlex.split(args.extra))
+        result = run_sweep(args.script, args.recipe, variants, args.seeds, args.out, extra)
     except subprocess.CalledProcessError as error:
         print(f"error: a run failed (exit {error.returncode}): {shlex.join(error.cmd)}", file=sys.stderr)
         return 1

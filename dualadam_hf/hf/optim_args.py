@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dualadam_hf.optimizer import SCHEDULES
+from dualadam_hf.optimizer import SCHEDULES, check_hyperparameters, check_schedule
 
 
 def _float(value: str) -> float:
@@ -34,6 +34,13 @@ DUALADAM_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "schedule": (_schedule, f"one of {', '.join(SCHEDULES)}"),
     "switch_base": (_float, "a float in (0, 1]"),
     "switch_step": (_int, "an integer >= 0"),
+}
+# keys that mean something for one schedule only
+SCHEDULE_KEYS = {
+    "switch_rate": ("linear",),
+    "switch_ratio": ("linear",),
+    "switch_base": ("exponential",),
+    "switch_step": ("step",),
 }
 KEYS_BY_OPTIMIZER: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
     "dualadam": DUALADAM_KEYS,
@@ -70,6 +77,10 @@ def parse_optim_args(optimizer: str, optim_args: str | None) -> dict[str, Any]:
             parsed[key] = parser(raw)
         except ValueError:
             raise ValueError(f"optim_args: {key}={raw!r} is not {expected}") from None
+    schedule = parsed.get("schedule", "linear")
+    for key in parsed:
+        if key in SCHEDULE_KEYS and schedule not in SCHEDULE_KEYS[key]:
+            raise ValueError(f"optim_args: {key} applies to schedule={SCHEDULE_KEYS[key][0]} only (schedule is {schedule})")
     if "switch_ratio" in parsed:
         ratio = parsed["switch_ratio"]
         if not 0.0 < ratio <= 1.0:
@@ -92,3 +103,15 @@ def resolve_switch_ratio(kwargs: dict[str, Any], total_steps: int | None) -> dic
     ratio = resolved.pop("switch_ratio")
     resolved["switch_rate"] = 1.0 / (ratio * total_steps)
     return resolved
+
+
+def check_optimizer_settings(optimizer: str, args: Any) -> None:
+    """Everything DualAdam/InvAdam would refuse at construction, checked now from TrainingArguments, so
+    that a dry run refuses it too and a real run does not fail after loading the model and the data."""
+    name = "DualAdam" if optimizer == "dualadam" else "InvAdam"
+    check_hyperparameters(
+        args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.weight_decay, name
+    )
+    extra = parse_optim_args(optimizer, args.optim_args)
+    check_schedule(extra.get("schedule", "linear"), extra.get("switch_rate", 0.0), extra.get("switch_base"),
+                   extra.get("switch_step"))

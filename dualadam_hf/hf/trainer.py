@@ -83,6 +83,11 @@ class DualAdamTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.train_eval_samples is not None and self.train_eval_samples < 0:
             raise ValueError(f"train_eval_samples must be >= 0, got {self.train_eval_samples}")
+        if isinstance(self.lr_scheduler_kwargs, str):  # TrainingArguments keeps a string that is not JSON
+            raise ValueError(f"lr_scheduler_kwargs must be a JSON object, got {self.lr_scheduler_kwargs!r}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class DualAdamTrainer(Trainer):

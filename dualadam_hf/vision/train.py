@@ -163,7 +163,8 @@ def run(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) 
             num_classes=splits.num_classes,
             augmentation=vision_args.augmentation,
             split_seed=vision_args.split_seed,
-            validation_size=vision_args.validation_size,
+            # the digits split is a fixed 70/15/15; validation_size is the hub datasets' only
+            **({} if vision_args.dataset_name == DIGITS else {"validation_size": vision_args.validation_size}),
         ),
     )
 

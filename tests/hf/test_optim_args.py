@@ -8,11 +8,12 @@ from dualadam_hf.hf.optim_args import parse_optim_args, resolve_switch_ratio
 
 
 def test_each_key_is_parsed_to_its_type():
-    parsed = parse_optim_args(
-        "dualadam", "switch_rate=1e-3, schedule=exponential, switch_base=0.99, switch_step=100"
+    assert parse_optim_args("dualadam", "switch_rate=1e-3") == dict(switch_rate=1e-3)
+    assert parse_optim_args("dualadam", "schedule=exponential, switch_base=0.99") == dict(
+        schedule="exponential", switch_base=0.99
     )
-    assert parsed == dict(switch_rate=1e-3, schedule="exponential", switch_base=0.99, switch_step=100)
-    assert isinstance(parsed["switch_step"], int) and isinstance(parsed["switch_rate"], float)
+    parsed = parse_optim_args("dualadam", "schedule=step,switch_step=100")
+    assert parsed == dict(schedule="step", switch_step=100) and isinstance(parsed["switch_step"], int)
     assert parse_optim_args("dualadam", "switch_ratio=0.25") == dict(switch_ratio=0.25)
 
 
