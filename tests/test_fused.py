@@ -6,12 +6,13 @@ kernel kind and dtype for the whole file (the ``compiled`` fixture builds the fl
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 from reference import linear_alpha
-from test_optimizer import CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run, run
+from test_optimizer import (
+    CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run, run, run_with_a_resume,
+)
 
 from dualadam_hf import DualAdam, InvAdam
 from dualadam_hf import fused as fused_backend
@@ -109,18 +110,7 @@ def test_save_weights_only_load_resume(compiled):
     straight = make_params(torch.float32)
     run(DualAdam(straight, **kwargs), straight, grads)
 
-    first = make_params(torch.float32)
-    optimizer = DualAdam(first, **kwargs)
-    run(optimizer, first, grads[:12])
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in first], "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
-    optimizer = DualAdam(resumed, **kwargs)
-    optimizer.load_state_dict(saved["optimizer"])
-    assert optimizer.latest_alpha() == pytest.approx(1 - 0.05 * 12)
-    run(optimizer, resumed, grads[12:])
+    resumed, _ = run_with_a_resume(make_params(torch.float32), kwargs, grads, stop=12)
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, alpha=linear_alpha(0.05))
     assert_tracks_reference(resumed, reference_run([(range(len(SHAPES)), hyper)], grads), FP32_RTOL)
