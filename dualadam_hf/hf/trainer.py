@@ -24,7 +24,7 @@ from transformers.trainer_utils import speed_metrics
 
 from dualadam_hf.diagnostics import inv_share, inv_share_sums
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
-from dualadam_hf.hf.optim_args import parse_optim_args
+from dualadam_hf.hf.optim_args import check_optimizer_settings
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
 from dualadam_hf.optimizer import DualAdam
@@ -106,8 +106,9 @@ class DualAdamTrainer(Trainer):
             )
         super().__init__(*args, **kwargs)
         if is_ours(self.args.optim):
-            # refuse a misspelt optim_args key now, not after the model is loaded and wrapped
-            parse_optim_args(str(self.args.optim.value), self.args.optim_args)
+            # refuse what DualAdam would refuse (a misspelt optim_args key, a beta >= 1, ...) now,
+            # not after the model is wrapped and the optimizer is built
+            check_optimizer_settings(str(self.args.optim.value), self.args)
             self._refuse_replaced_optimizer()
         self._train_eval_subset: Dataset | None = None
         self._eval_task: str | None = None
