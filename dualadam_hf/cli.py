@@ -74,15 +74,36 @@ def script_main(
         return 0
     if settings[-1].process_index == 0:
         print(summary, flush=True)
+    finished = False
     try:
         run(*settings)
+        finished = True
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except DeepSpeedConfigError as error:  # the launcher's config, read once the Trainer exists
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        release_process_group(wait_for_the_others=finished)
     return 0
+
+
+def release_process_group(*, wait_for_the_others: bool) -> None:
+    """Destroy the default process group, if there is one, while the interpreter is still whole.
+
+    A process that leaves while another still exchanges data with it, or that leaves its group to
+    interpreter shutdown, can die with SIGABRT ("terminate called without an active exception") from
+    gloo's threads after a finished run, now and then (pytorch/pytorch#190489). After a finished run every
+    process waits at a barrier first; after a failure it does not, since the others may never get there.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_the_others:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def train_and_save(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import datasets
 import pytest
+import torch.distributed as dist
 import transformers
 
-from dualadam_hf.finetune import main
+from dualadam_hf.cli import script_main
+from dualadam_hf.finetune import ARGUMENT_TYPES, describe, main
+from dualadam_hf.sft_data import DataError
 
 TINY = "recipes/tiny_alpaca.yaml"
 # a few steps on a slice of the sample: seconds on a CPU
@@ -128,3 +132,30 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path):
     for a, b in zip(resumed[2:], straight[2:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["dualadam_alpha"] == pytest.approx(b["dualadam_alpha"])
+
+
+@pytest.mark.parametrize("outcome", ["finished", "refused"])
+def test_the_process_group_is_destroyed_before_the_script_returns(outcome, tmp_path, capsys, monkeypatch):
+    # left to interpreter shutdown, gloo's threads can abort a finished run (pytorch/pytorch#190489);
+    # a finished run waits for the other processes first, a failed one must not (they may never come)
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: barriers.append(dist.is_initialized()))
+
+    def run(*settings):
+        assert dist.is_initialized()
+        if outcome == "refused":
+            raise DataError("a record has no output")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        code = script_main(ARGUMENT_TYPES, [TINY, "--output_dir", str(tmp_path / "run")],
+                           prog="finetune.py", description="", describe=describe, run=run)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert code == (0 if outcome == "finished" else 1)
+    assert barriers == ([True] if outcome == "finished" else [])
