@@ -105,6 +105,8 @@ def optimizer_summary(args: DualAdamTrainingArguments) -> list[str]:
         lines.append(f"  schedule exponential, alpha_t = {base}^t (reaches 0 only in the limit)")
     else:
         lines.append(f"  schedule step: alpha = 1 up to step {extra.get('switch_step')}, then 0")
+    if extra.get("inv_scale", "none") == "adam_rms":
+        lines.append("  inv_scale adam_rms: the InvAdam term is rescaled, per tensor, to the Adam term's norm (not in the paper)")
     return lines
 
 

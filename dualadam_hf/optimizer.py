@@ -16,9 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DualAdam", "InvAdam", "StepScalars", "SCHEDULES", "schedule_alpha"]
+__all__ = ["DualAdam", "InvAdam", "StepScalars", "SCHEDULES", "INV_SCALES", "schedule_alpha"]
 
 SCHEDULES = ("linear", "exponential", "step")
+# "none": the paper's InvAdam term m_hat * sqrt(v_hat). "adam_rms": that term rescaled, per tensor, to the
+# norm (equivalently the RMS) of the Adam term of the same step: InvAdam's direction at Adam's size.
+INV_SCALES = ("none", "adam_rms")
 # Stored in the param groups in place of a user's callable: a function cannot travel through
 # ``torch.load(weights_only=True)``, so the callable itself stays on the optimizer instance.
 CALLABLE_SCHEDULE = "callable"
@@ -37,6 +40,7 @@ class StepScalars:
     bias_correction1: float
     bias_correction2_sqrt: float
     maximize: bool
+    rescale_inv: bool = False  # inv_scale="adam_rms"
 
 
 def schedule_alpha(group: dict[str, Any], step: int, custom: Callable[[int], float] | None = None) -> float:
@@ -89,6 +93,16 @@ def check_schedule(schedule: Any, switch_rate: float, switch_base: Any, switch_s
         raise ValueError(f"DualAdam: schedule='step' needs a non-negative integer switch_step, got {switch_step!r}")
 
 
+def check_inv_scale(inv_scale: Any, fused: bool | None, name: str) -> None:
+    if inv_scale not in INV_SCALES:
+        raise ValueError(f"{name}: unknown inv_scale {inv_scale!r}; valid: {', '.join(INV_SCALES)}")
+    if fused and inv_scale != "none":
+        raise ValueError(
+            f"{name}: fused=True cannot rescale the InvAdam term (inv_scale={inv_scale!r} needs a norm per "
+            "tensor); use foreach"
+        )
+
+
 def _without_empty_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list:
     """Param groups without the empty ones (the HF Trainer's no-decay group is empty for a model with
     no biases or norms, and an empty group breaks distributed checkpoint loading: pytorch issue
@@ -123,6 +137,13 @@ class DualAdam(torch.optim.Optimizer):
     term has no epsilon, and the InvAdam part is kept for every step with alpha_t > 0 (the released
     code drops it once alpha_t < xi). Weight decay is decoupled, as in AdamW.
 
+    ``inv_scale="adam_rms"`` is not in the paper and is off by default. Element by element the InvAdam
+    term is the Adam term times about v_hat ~ g**2, so at LLM gradient scales (|g| ~ 1e-4) it nearly
+    vanishes and the blend is Adam with its step scaled by (1 - alpha_t). With ``"adam_rms"`` the InvAdam term of each tensor is
+    rescaled to the norm of that tensor's Adam term, ``u_tilde * ||u|| / ||u_tilde||``, which keeps
+    InvAdam's direction and gives it Adam's size. "Each tensor" is each tensor the optimizer holds: under
+    ZeRO or FSDP that is a shard, so the HF integration refuses the option there.
+
     ``t`` counts this optimizer's steps per parameter, starting at 1, and is saved in the state
     (``state[p]["step"]``, a 0-dim tensor, beside ``exp_avg`` and ``exp_avg_sq``), so a resumed run
     continues alpha_t and the bias corrections. Once alpha_t = 0 the step is AdamW's arithmetic and
@@ -139,6 +160,7 @@ class DualAdam(torch.optim.Optimizer):
             ``"step"`` (alpha_t = 1 for t <= switch_step, else 0), or a callable t -> alpha_t in [0, 1].
         switch_base: the base of the exponential schedule, in (0, 1].
         switch_step: the last InvAdam step of the step schedule, an integer >= 0.
+        inv_scale: ``"none"`` (the paper) or ``"adam_rms"`` (see above); not with ``fused=True``.
         maximize: maximise the objective instead of minimising it.
         foreach: use the multi-tensor backend (None: yes, unless ``fused`` is chosen).
         fused: use the fused backend (None: where it is available and faster; see ``dualadam_hf.fused``).
@@ -156,6 +178,7 @@ class DualAdam(torch.optim.Optimizer):
         schedule: str | Callable[[int], float] = "linear",
         switch_base: float | None = None,
         switch_step: int | None = None,
+        inv_scale: str = "none",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -163,6 +186,7 @@ class DualAdam(torch.optim.Optimizer):
         name = type(self).__name__
         check_hyperparameters(lr, betas, eps, weight_decay, name)
         check_schedule(schedule, switch_rate, switch_base, switch_step)
+        check_inv_scale(inv_scale, fused, name)
         if fused and foreach:
             raise ValueError(f"{name}: fused=True and foreach=True are exclusive; pick one")
         self._custom_schedule = schedule if callable(schedule) else None
@@ -175,6 +199,7 @@ class DualAdam(torch.optim.Optimizer):
             schedule=CALLABLE_SCHEDULE if callable(schedule) else schedule,
             switch_base=switch_base,
             switch_step=switch_step,
+            inv_scale=inv_scale,
             maximize=maximize,
             foreach=foreach,
             fused=fused,
@@ -191,12 +216,19 @@ class DualAdam(torch.optim.Optimizer):
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], type(self).__name__)
         if group["schedule"] != CALLABLE_SCHEDULE:
             check_schedule(group["schedule"], group["switch_rate"], group["switch_base"], group["switch_step"])
+        check_inv_scale(group["inv_scale"], group["fused"], type(self).__name__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_custom_schedule", None)
         for group in self.param_groups:
             group.setdefault("fused", None)
+            group.setdefault("inv_scale", "none")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # saved before inv_scale existed
+            group.setdefault("inv_scale", "none")
 
     def latest_alpha(self) -> float | None:
         """alpha_t used by the latest step (the highest step in the state), or None before any step.
@@ -220,6 +252,7 @@ class DualAdam(torch.optim.Optimizer):
         """(param, grad, state) for every parameter with a gradient; state is created here, lazily,
         because ZeRO-3 and FSDP2 give parameters their final shape after the optimizer is built."""
         entries = []
+        rescaled = group["inv_scale"] != "none"
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -227,6 +260,11 @@ class DualAdam(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            if rescaled and hasattr(p, "to_local"):
+                raise RuntimeError(
+                    f"{type(self).__name__}: inv_scale={group['inv_scale']!r} rescales per whole tensor, and this "
+                    "parameter is a DTensor (FSDP2 or tensor parallel) whose shards would each be rescaled alone"
+                )
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -304,6 +342,7 @@ def _dispatch(
             bias_correction1=1.0 - beta1**step,
             bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
             maximize=group["maximize"],
+            rescale_inv=group["inv_scale"] == "adam_rms",
         )
         params, grads, states = zip(*bucket)
         backend(
@@ -317,13 +356,13 @@ def _dispatch(
 
 def _choose_backend(group: dict[str, Any], entries: list) -> Callable[..., None]:
     """fused=True: fused; foreach=False: single-tensor; fused=None and foreach unset: fused where
-    ``dualadam_hf.fused.preferred`` says it pays (falling back to foreach if compiling fails),
-    else foreach."""
+    ``dualadam_hf.fused.preferred`` says it pays (falling back to foreach if compiling fails) and the
+    InvAdam term is not rescaled, else foreach."""
     if group["fused"]:
         from dualadam_hf import fused as fused_backend
 
         return fused_backend.fused_dualadam
-    if group["fused"] is None and group["foreach"] is None:
+    if group["fused"] is None and group["foreach"] is None and group["inv_scale"] == "none":
         from dualadam_hf import fused as fused_backend
 
         if fused_backend.preferred([p for p, _, _ in entries]):
@@ -357,7 +396,12 @@ def _single_tensor_dualadam(
         if s.lr != 0.0:
             step_size = s.lr / s.bias_correction1
             sqrt_v_hat = v.sqrt().div_(s.bias_correction2_sqrt)
-            if s.alpha == 0.0:
+            if s.rescale_inv and s.alpha != 0.0:
+                inv = torch.mul(m, sqrt_v_hat)
+                adam = m / sqrt_v_hat.add_(s.eps)
+                inv.mul_(_norm_ratio(adam, inv) * s.alpha)
+                compute.add_(inv.add_(adam, alpha=1.0 - s.alpha), alpha=-step_size)
+            elif s.alpha == 0.0:
                 compute.addcdiv_(m, sqrt_v_hat.add_(s.eps), value=-step_size)
             elif s.alpha == 1.0:
                 compute.addcmul_(m, sqrt_v_hat, value=-step_size)
@@ -407,13 +451,33 @@ def _multi_tensor_dualadam(
         step_size = s.lr / s.bias_correction1
         b = s.bias_correction2_sqrt
         root = torch._foreach_sqrt(vs)
-        if s.alpha != 0.0:
-            torch._foreach_addcmul_(compute, ms, root, value=-s.alpha * step_size / b)
-        if s.alpha != 1.0:
+        if s.rescale_inv and s.alpha != 0.0:
+            # without the scalars: inv = m * r, adam = m / (r + eps * b); the true terms are inv / b and
+            # adam * b (times 1 / bc1), so their norm ratio is b**2 * ||adam|| / ||inv||
+            inv = torch._foreach_mul(ms, root)
             torch._foreach_add_(root, s.eps * b)
-            torch._foreach_addcdiv_(compute, ms, root, value=-(1.0 - s.alpha) * step_size * b)
+            adam = torch._foreach_div(ms, root)
+            for inv_term, adam_term in zip(inv, adam):
+                inv_term.mul_(_norm_ratio(adam_term, inv_term))
+            torch._foreach_add_(compute, inv, alpha=-s.alpha * step_size * b)
+            if s.alpha != 1.0:
+                torch._foreach_add_(compute, adam, alpha=-(1.0 - s.alpha) * step_size * b)
+        else:
+            if s.alpha != 0.0:
+                torch._foreach_addcmul_(compute, ms, root, value=-s.alpha * step_size / b)
+            if s.alpha != 1.0:
+                torch._foreach_add_(root, s.eps * b)
+                torch._foreach_addcdiv_(compute, ms, root, value=-(1.0 - s.alpha) * step_size * b)
 
     if low_precision:
         torch._foreach_copy_(params, compute)
         torch._foreach_copy_(exp_avgs, ms)
         torch._foreach_copy_(exp_avg_sqs, vs)
+
+
+def _norm_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """||numerator|| / ||denominator|| as a 0-dim tensor (no host sync); 0 where the denominator is 0,
+    which happens only where the InvAdam term itself is all zeros."""
+    top = torch.linalg.vector_norm(numerator)
+    bottom = torch.linalg.vector_norm(denominator)
+    return torch.where(bottom > 0, top / bottom, torch.zeros_like(top))

@@ -32,21 +32,41 @@ def _save(figure, axes, path: Path) -> Path:
     return path
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:
+    """name -> (color, line style). Runs named "VARIANT/..." (a sweep's) share their variant's color and
+    differ by line style, so that twelve runs of four variants read as four colors; others get a color each."""
+    colors: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    styles = {}
+    for name in names:
+        group = name.split("/", 1)[0] if "/" in name else name
+        colors.setdefault(group, f"C{len(colors) % 10}")
+        styles[name] = (colors[group], LINE_STYLES[seen.get(group, 0) % len(LINE_STYLES)])
+        seen[group] = seen.get(group, 0) + 1
+    return styles
+
+
 def plot_metric(runs: dict[str, Series], path: Path, title: str, ylabel: str, log_y: bool = False) -> Path:
     """One line per run: (step, value) points."""
     figure, axes = _figure(title, ylabel, log_y)
+    styles = line_styles(list(runs))
     for name, points in runs.items():
         if points:
             steps, values = zip(*points)
-            axes.plot(steps, values, marker="o", markersize=3, label=name)
+            color, style = styles[name]
+            axes.plot(steps, values, marker="o", markersize=3, color=color, linestyle=style, label=name)
     return _save(figure, axes, path)
 
 
 def plot_train_losses(train: dict[str, Series], eval_train: dict[str, Series], path: Path) -> Path:
     """The logged (running, train-mode) training loss and the eval-mode loss on the fixed training subset."""
     figure, axes = _figure("Training loss", "loss (nats per token)")
-    for index, name in enumerate(train):
-        color = f"C{index}"
+    styles = line_styles(list(train))
+    for name in train:
+        color = styles[name][0]
         if train[name]:
             axes.plot(*zip(*train[name]), color=color, alpha=0.6, label=f"{name}: logged train loss")
         if eval_train.get(name):

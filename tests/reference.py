@@ -33,6 +33,7 @@ class ReferenceParam:
     weight_decay: float
     alpha: Callable[[int], float]
     maximize: bool = False
+    inv_scale: str = "none"  # "adam_rms": u_tilde rescaled to the norm of u over this parameter
     m: list[float] = field(default_factory=list)
     v: list[float] = field(default_factory=list)
     t: int = 0
@@ -45,13 +46,20 @@ class ReferenceParam:
         self.t += 1
         t = self.t
         alpha = self.alpha(t)
+        u, u_tilde = [], []
         for i in range(len(self.theta)):
             g = -grad[i] if self.maximize else grad[i]
             self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * g
             self.v[i] = self.beta2 * self.v[i] + (1.0 - self.beta2) * g * g
             m_hat = self.m[i] / (1.0 - self.beta1**t)
             v_hat = self.v[i] / (1.0 - self.beta2**t)
-            u = m_hat / (math.sqrt(v_hat) + self.eps)
-            u_tilde = m_hat * math.sqrt(v_hat)
-            u_bar = alpha * u_tilde + (1.0 - alpha) * u
+            u.append(m_hat / (math.sqrt(v_hat) + self.eps))
+            u_tilde.append(m_hat * math.sqrt(v_hat))
+        scale = 1.0
+        if self.inv_scale == "adam_rms":
+            norm_u = math.sqrt(sum(x * x for x in u))
+            norm_u_tilde = math.sqrt(sum(x * x for x in u_tilde))
+            scale = norm_u / norm_u_tilde if norm_u_tilde > 0 else 0.0
+        for i in range(len(self.theta)):
+            u_bar = alpha * scale * u_tilde[i] + (1.0 - alpha) * u[i]
             self.theta[i] = self.theta[i] * (1.0 - self.lr * self.weight_decay) - self.lr * u_bar

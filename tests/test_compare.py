@@ -69,3 +69,14 @@ def test_script_exit_code_and_message(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("nope: no trainer_state.json (not a finished run directory?)")
+
+
+def test_runs_of_one_variant_share_a_color_and_differ_by_line_style():
+    from dualadam_hf.plots import line_styles
+
+    styles = line_styles(["dualadam/seed0", "adamw/seed0", "dualadam/seed1", "adamw/seed1", "dualadam/seed2"])
+    assert {styles[f"dualadam/seed{seed}"][0] for seed in range(3)} == {"C0"}
+    assert {styles[f"adamw/seed{seed}"][0] for seed in range(2)} == {"C1"}
+    assert [styles[f"dualadam/seed{seed}"][1] for seed in range(3)] == ["-", "--", ":"]
+    plain = line_styles(["run_a", "run_b"])
+    assert plain == {"run_a": ("C0", "-"), "run_b": ("C1", "-")}

@@ -55,6 +55,17 @@ def test_dry_run_names_xi_and_the_step_where_alpha_reaches_zero(capsys, no_downl
     assert "alpha reaches 0 at step 60" in capsys.readouterr().out
 
 
+def test_dry_run_names_the_rescaled_invadam_term_and_refuses_it_under_sharding(capsys, monkeypatch, no_downloads):
+    rescaled = ["--optim_args", "switch_ratio=0.3,inv_scale=adam_rms"]
+    assert main([TINY, "--dry_run", "true", *rescaled]) == 0
+    assert "inv_scale adam_rms: the InvAdam term is rescaled, per tensor, to the Adam term's norm" in capsys.readouterr().out
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    assert main([TINY, "--dry_run", "true", *rescaled]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim_args: inv_scale=adam_rms rescales per whole tensor, but FSDP hands")
+    assert err.count("\n") == 1
+
+
 def test_unknown_key_exits_2_with_one_line(tmp_path, capsys):
     assert main([TINY, "--output_dir", str(tmp_path / "run"), "--lora_rank", "8"]) == 2
     err = capsys.readouterr().err.strip()

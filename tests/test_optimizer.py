@@ -68,6 +68,12 @@ CASES = {
     "exponential": (dict(schedule="exponential", switch_base=0.9), exponential_alpha(0.9)),
     "step": (dict(schedule="step", switch_step=17), step_alpha(17)),
     "callable": (dict(schedule=lambda t: 0.5 * (1 + math.cos(math.pi * min(t, 25) / 25))), None),
+    # the optional rescaled InvAdam term: blending, InvAdam alone (xi = 0), and with decay and maximize
+    "inv_scale_linear": (dict(switch_rate=0.05, inv_scale="adam_rms"), linear_alpha(0.05)),
+    "inv_scale_alpha_one": (dict(switch_rate=0.0, inv_scale="adam_rms"), linear_alpha(0.0)),
+    "inv_scale_decay_maximize": (
+        dict(switch_rate=1 / 30, inv_scale="adam_rms", weight_decay=0.1, maximize=True), linear_alpha(1 / 30)
+    ),
 }
 
 
@@ -80,6 +86,7 @@ def reference_hyper(kwargs, alpha):
         weight_decay=kwargs.get("weight_decay", 0.0),
         alpha=alpha if alpha is not None else kwargs["schedule"],
         maximize=kwargs.get("maximize", False),
+        inv_scale=kwargs.get("inv_scale", "none"),
     )
 
 
@@ -325,6 +332,8 @@ def test_sparse_gradient_is_refused():
         (dict(schedule="step", switch_step=-1), "non-negative integer switch_step, got -1"),
         (dict(schedule="step", switch_step=2.5), "non-negative integer switch_step, got 2.5"),
         (dict(foreach=True, fused=True), "fused=True and foreach=True are exclusive"),
+        (dict(inv_scale="rms"), "unknown inv_scale 'rms'; valid: none, adam_rms"),
+        (dict(inv_scale="adam_rms", fused=True), "fused=True cannot rescale the InvAdam term"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, message):
@@ -377,3 +386,74 @@ def test_empty_param_groups_are_dropped():
     again = DualAdam([dict(params=make_params(), weight_decay=0.1), dict(params=[], weight_decay=0.0)])
     again.load_state_dict(torch.load(buffer, weights_only=True))
     assert len(DualAdam([dict(params=[])]).param_groups) == 1  # nothing but empty groups: as torch does
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rescaled_invadam_term_has_the_adam_terms_norm_per_tensor(backend):
+    """One InvAdam step (alpha = 1) with inv_scale="adam_rms": each tensor moves by lr * ||u|| in the
+    direction of m_hat * sqrt(v_hat), whatever its gradient's scale (1e-4 here: LLM-like)."""
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    optimizer = DualAdam(params, lr=1e-2, switch_rate=0.0, inv_scale="adam_rms", **BACKENDS[backend])
+    grads = [g * 1e-4 for g in make_grads(1)[0]]
+    run(optimizer, params, [grads])
+    for p, old, g in zip(params, before, grads):
+        moved = old - p.detach()
+        adam_term = g / (g.abs() + 1e-8)  # step 1: m_hat = g, sqrt(v_hat) = |g|
+        torch.testing.assert_close(moved.norm(), 1e-2 * adam_term.norm(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(moved / moved.norm(), g * g.abs() / (g * g.abs()).norm(), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rescaling_a_tensor_with_zero_gradients_moves_it_by_weight_decay_only(backend):
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = DualAdam([p], lr=0.1, weight_decay=0.5, switch_rate=0.3, inv_scale="adam_rms", **BACKENDS[backend])
+    p.grad = torch.zeros(3, dtype=torch.float64)
+    optimizer.step()
+    assert torch.equal(p.detach(), torch.full((3,), 1 - 0.1 * 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rescaled_run_resumes_bit_exact(backend):
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), switch_rate=0.05, inv_scale="adam_rms", **BACKENDS[backend])
+    grads = make_grads(STEPS)
+    straight = make_params()
+    run(DualAdam(straight, **kwargs), straight, grads)
+    resumed, optimizer = run_with_a_resume(make_params(), kwargs, grads, stop=12)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
+    assert optimizer.param_groups[0]["inv_scale"] == "adam_rms"
+
+
+def test_a_state_dict_saved_before_inv_scale_existed_loads_as_the_paper():
+    params = make_params()
+    optimizer = DualAdam(params, lr=1e-2, switch_rate=0.05)
+    run(optimizer, params, make_grads(2))
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["inv_scale"]
+    optimizer = DualAdam(params, lr=1e-2, switch_rate=0.05)
+    optimizer.load_state_dict(saved)
+    run(optimizer, params, make_grads(1))
+    assert optimizer.param_groups[0]["inv_scale"] == "none"
+
+
+def test_rescaling_refuses_dtensor_shards():
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 2), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn(4, 2), mesh, [Shard(0)])
+        with pytest.raises(RuntimeError, match="inv_scale='adam_rms' rescales per whole tensor, and this parameter is "
+                                               "a DTensor"):
+            DualAdam([p], inv_scale="adam_rms").step()
+        DualAdam([p]).step()  # the paper's DualAdam steps DTensors
+    finally:
+        dist.destroy_process_group()

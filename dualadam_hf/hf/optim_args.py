@@ -7,10 +7,11 @@ of the run after which alpha reaches 0) is turned into a ``switch_rate`` once th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
-from dualadam_hf.optimizer import SCHEDULES, check_hyperparameters, check_schedule
+from dualadam_hf.optimizer import INV_SCALES, SCHEDULES, check_hyperparameters, check_schedule
 
 
 def _float(value: str) -> float:
@@ -21,19 +22,23 @@ def _int(value: str) -> int:
     return int(value)
 
 
-def _schedule(value: str) -> str:
-    if value not in SCHEDULES:
-        raise ValueError(f"valid schedules: {', '.join(SCHEDULES)}")
-    return value
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(value)
+        return value
+
+    return parse
 
 
 # key -> (parser, description of the expected value)
 DUALADAM_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "switch_rate": (_float, "a float >= 0"),
     "switch_ratio": (_float, "a float in (0, 1]"),
-    "schedule": (_schedule, f"one of {', '.join(SCHEDULES)}"),
+    "schedule": (_one_of(SCHEDULES), f"one of {', '.join(SCHEDULES)}"),
     "switch_base": (_float, "a float in (0, 1]"),
     "switch_step": (_int, "an integer >= 0"),
+    "inv_scale": (_one_of(INV_SCALES), f"one of {', '.join(INV_SCALES)}"),
 }
 # keys that mean something for one schedule only
 SCHEDULE_KEYS = {
@@ -115,3 +120,29 @@ def check_optimizer_settings(optimizer: str, args: Any) -> None:
     extra = parse_optim_args(optimizer, args.optim_args)
     check_schedule(extra.get("schedule", "linear"), extra.get("switch_rate", 0.0), extra.get("switch_base"),
                    extra.get("switch_step"))
+    check_inv_scale_placement(extra, args)
+
+
+def check_inv_scale_placement(extra: dict[str, Any], args: Any) -> None:
+    """Refuse ``inv_scale`` where the optimizer would rescale shards instead of whole tensors."""
+    inv_scale = extra.get("inv_scale", "none")
+    sharding = sharding_of(args)
+    if inv_scale != "none" and sharding is not None:
+        raise ValueError(
+            f"optim_args: inv_scale={inv_scale} rescales per whole tensor, but {sharding} hands the optimizer "
+            "shards of tensors; remove inv_scale or train without sharding (DDP is fine)"
+        )
+
+
+def sharding_of(args: Any) -> str | None:
+    """"DeepSpeed" or "FSDP" when the run hands the optimizer sharded tensors, from TrainingArguments or
+    from the environment ``accelerate launch`` sets for its config; None otherwise."""
+    if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")

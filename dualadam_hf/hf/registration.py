@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from dualadam_hf.hf.optim_args import parse_optim_args, resolve_switch_ratio
+from dualadam_hf.hf.optim_args import check_inv_scale_placement, parse_optim_args, resolve_switch_ratio
 from dualadam_hf.optimizer import DualAdam, InvAdam
 
 # The transformers releases this module is tested on (pyproject.toml pins the same range).
@@ -90,6 +90,7 @@ def optimizer_kwargs(name: str, args: Any, total_steps: int | None = None) -> di
     Weight decay arrives per param group (HF's decay / no-decay split)."""
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     extra = parse_optim_args(name, args.optim_args)
+    check_inv_scale_placement(extra, args)  # the stock Trainer checks nothing before it builds the optimizer
     if total_steps is None and getattr(args, "max_steps", -1) > 0:
         total_steps = args.max_steps
     kwargs.update(resolve_switch_ratio(extra, total_steps))

@@ -94,6 +94,24 @@ def test_switch_ratio_half_of_20_steps_gives_alpha_one_minus_step_over_10(tmp_pa
     assert all({"eval_ppl", "eval_train_loss", "eval_gen_gap"} <= set(log) for log in evals)
 
 
+def test_rescaled_invadam_term_holds_at_least_alpha_of_the_update(tmp_path, train_set):
+    """With inv_scale=adam_rms each tensor's InvAdam part is alpha * ||u|| and the whole update at most
+    ||u||, so the logged share is at least alpha; without it, at tiny-LM gradient scales, it is ~1e-4."""
+    shares = {}
+    for inv_scale in ("none", "adam_rms"):
+        trainer = make_trainer(tmp_path / inv_scale, train_set, optim_args=f"switch_ratio=0.5,inv_scale={inv_scale}",
+                               max_steps=6)
+        recorder = RecordLogs()
+        trainer.add_callback(recorder)
+        trainer.train()
+        assert trainer.optimizer.optimizer.param_groups[0]["inv_scale"] == inv_scale
+        shares[inv_scale] = {log["step"]: (log["dualadam_inv_share"], log["dualadam_alpha"])
+                             for log in recorder.logs if "loss" in log}
+    for step, (share, alpha) in shares["adam_rms"].items():
+        assert alpha - 1e-6 <= share <= 1.0 + 1e-9, step
+    assert all(share < 0.01 for share, alpha in shares["none"].values())
+
+
 def test_adamw_baseline_reports_the_same_metrics_and_no_alpha(tmp_path, train_set, eval_set):
     trainer = make_trainer(tmp_path, train_set, eval_set, optim="adamw_torch", max_steps=4,
                            eval_strategy="steps", eval_steps=4)
