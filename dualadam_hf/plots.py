@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -49,15 +50,33 @@ def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:
     return styles
 
 
+def legend_labels(names: list[str]) -> dict[str, str]:
+    """name -> legend label. When some variant has several runs ("VARIANT/seedN ..."), the legend names each
+    variant once (its first run's label without the "/seedN" part) and the other runs stay out of it."""
+    groups = [name.split("/", 1)[0] for name in names if "/" in name]
+    if len(groups) == len(set(groups)):
+        return {name: name for name in names}
+    labels, seen = {}, set()
+    for name in names:
+        group = name.split("/", 1)[0]
+        labels[name] = "_nolegend_" if group in seen else re.sub(r"/\S*", "", name, count=1)
+        seen.add(group)
+    return labels
+
+
 def plot_metric(runs: dict[str, Series], path: Path, title: str, ylabel: str, log_y: bool = False) -> Path:
     """One line per run: (step, value) points."""
     figure, axes = _figure(title, ylabel, log_y)
     styles = line_styles(list(runs))
+    labels = legend_labels(list(runs))
     for name, points in runs.items():
         if points:
             steps, values = zip(*points)
             color, style = styles[name]
-            axes.plot(steps, values, marker="o", markersize=3, color=color, linestyle=style, label=name)
+            axes.plot(steps, values, marker="o", markersize=3, color=color, linestyle=style, label=labels[name])
+    if labels != {name: name for name in runs}:
+        axes.text(0.99, 0.01, "one line style per seed", transform=axes.transAxes, ha="right", va="bottom",
+                  fontsize="x-small", color="0.4")
     return _save(figure, axes, path)
 
 
@@ -65,11 +84,14 @@ def plot_train_losses(train: dict[str, Series], eval_train: dict[str, Series], p
     """The logged (running, train-mode) training loss and the eval-mode loss on the fixed training subset."""
     figure, axes = _figure("Training loss", "loss (nats per token)")
     styles = line_styles(list(train))
+    labels = legend_labels(list(train))
     for name in train:
-        color = styles[name][0]
+        color, label = styles[name][0], labels[name]
+        shown = label != "_nolegend_"
         if train[name]:
-            axes.plot(*zip(*train[name]), color=color, alpha=0.6, label=f"{name}: logged train loss")
+            axes.plot(*zip(*train[name]), color=color, alpha=0.6,
+                      label=f"{label}: logged train loss" if shown else label)
         if eval_train.get(name):
             axes.plot(*zip(*eval_train[name]), color=color, linestyle="--", marker="o", markersize=3,
-                      label=f"{name}: eval-mode loss on training subset")
+                      label=f"{label}: eval-mode loss on training subset" if shown else label)
     return _save(figure, axes, path)

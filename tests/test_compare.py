@@ -80,3 +80,15 @@ def test_runs_of_one_variant_share_a_color_and_differ_by_line_style():
     assert [styles[f"dualadam/seed{seed}"][1] for seed in range(3)] == ["-", "--", ":"]
     plain = line_styles(["run_a", "run_b"])
     assert plain == {"run_a": ("C0", "-"), "run_b": ("C1", "-")}
+
+
+def test_a_sweeps_legend_names_each_variant_once():
+    from dualadam_hf.plots import legend_labels
+
+    names = ["dualadam/seed0", "adamw/seed0 (adamw_torch)", "dualadam/seed1", "adamw/seed1 (adamw_torch)"]
+    assert legend_labels(names) == {
+        "dualadam/seed0": "dualadam", "adamw/seed0 (adamw_torch)": "adamw (adamw_torch)",
+        "dualadam/seed1": "_nolegend_", "adamw/seed1 (adamw_torch)": "_nolegend_",
+    }
+    single = ["dualadam/seed0", "adamw/seed0 (adamw_torch)"]  # one run per variant: every run is named
+    assert legend_labels(single) == {name: name for name in single}
