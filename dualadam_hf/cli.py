@@ -16,7 +16,7 @@ from typing import Any
 from dualadam_hf.compare import write_run_config
 from dualadam_hf.hf.optim_args import DUALADAM_KEYS, check_optimizer_settings, split_optim_args
 from dualadam_hf.hf.registration import is_ours
-from dualadam_hf.hf.trainer import DeepSpeedConfigError
+from dualadam_hf.hf.trainer import LaunchConfigError
 from dualadam_hf.recipe import parse_for_this_machine
 from dualadam_hf.sft_data import DataError
 
@@ -81,7 +81,7 @@ def script_main(
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except DeepSpeedConfigError as error:  # the launcher's config, read once the Trainer exists
+    except LaunchConfigError as error:  # the launcher's config, read once the Trainer exists
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
@@ -96,14 +96,18 @@ def release_process_group(*, wait_for_the_others: bool) -> None:
     interpreter shutdown, can die with SIGABRT ("terminate called without an active exception") from
     gloo's threads after a finished run, now and then (pytorch/pytorch#190489). After a finished run every
     process waits at a barrier first; after a failure it does not, since the others may never get there.
+    (A process that fails after the last collective of a run leaves the others at the barrier until the
+    launcher stops them or ``ddp_timeout`` passes.)
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if wait_for_the_others:
-        dist.barrier()
-    dist.destroy_process_group()
+    try:
+        if wait_for_the_others:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def train_and_save(

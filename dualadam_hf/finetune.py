@@ -106,7 +106,9 @@ def optimizer_summary(args: DualAdamTrainingArguments) -> list[str]:
     else:
         lines.append(f"  schedule step: alpha = 1 up to step {extra.get('switch_step')}, then 0")
     if extra.get("inv_scale", "none") == "adam_rms":
-        lines.append("  inv_scale adam_rms: the InvAdam term is rescaled, per tensor, to the Adam term's norm (not in the paper)")
+        lines.append(
+            "  inv_scale adam_rms: the InvAdam term is rescaled, per tensor, to the Adam term's norm (not in the paper)"
+        )
     return lines
 
 

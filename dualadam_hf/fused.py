@@ -246,6 +246,8 @@ def fused_dualadam(
 ) -> None:
     """The fused backend. ``fall_back`` (set for ``fused=None``): if compiling fails, warn and use
     foreach for this and every later step on that device type, instead of raising."""
+    if s.rescale_inv:  # refused at construction; no per-tensor norm here
+        raise RuntimeError("fused=True cannot rescale the InvAdam term (inv_scale='adam_rms'); use foreach")
     reason = unavailable_reason(params[0])  # a bucket has one type, device and dtype
     if reason is not None:
         raise RuntimeError(f"fused=True is not available: {reason}")

@@ -139,10 +139,11 @@ class DualAdam(torch.optim.Optimizer):
 
     ``inv_scale="adam_rms"`` is not in the paper and is off by default. Element by element the InvAdam
     term is the Adam term times about v_hat ~ g**2, so at LLM gradient scales (|g| ~ 1e-4) it nearly
-    vanishes and the blend is Adam with its step scaled by (1 - alpha_t). With ``"adam_rms"`` the InvAdam term of each tensor is
-    rescaled to the norm of that tensor's Adam term, ``u_tilde * ||u|| / ||u_tilde||``, which keeps
-    InvAdam's direction and gives it Adam's size. "Each tensor" is each tensor the optimizer holds: under
-    ZeRO or FSDP that is a shard, so the HF integration refuses the option there.
+    vanishes and the blend is Adam with its step scaled by (1 - alpha_t). With ``"adam_rms"`` the
+    InvAdam term of each tensor is rescaled to the norm of that tensor's Adam term,
+    ``u_tilde * ||u|| / ||u_tilde||``, which keeps InvAdam's direction and gives it Adam's size. "Each
+    tensor" is each tensor the optimizer holds: under ZeRO or FSDP that is a shard, so the HF
+    integration refuses the option there, and DTensor parameters are refused at the first step.
 
     ``t`` counts this optimizer's steps per parameter, starting at 1, and is saved in the state
     (``state[p]["step"]``, a 0-dim tensor, beside ``exp_avg`` and ``exp_avg_sq``), so a resumed run
@@ -226,9 +227,13 @@ class DualAdam(torch.optim.Optimizer):
             group.setdefault("inv_scale", "none")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # saved before inv_scale existed
-            group.setdefault("inv_scale", "none")
+        # A checkpoint saved before inv_scale existed keeps the value this optimizer was built with; one
+        # that has it wins, as its lr and betas do (torch's rule for every hyperparameter).
+        saved_groups = [
+            group if "inv_scale" in group else dict(group, inv_scale=current["inv_scale"])
+            for group, current in zip(state_dict["param_groups"], self.param_groups)
+        ] + state_dict["param_groups"][len(self.param_groups):]
+        super().load_state_dict(dict(state_dict, param_groups=saved_groups))
 
     def latest_alpha(self) -> float | None:
         """alpha_t used by the latest step (the highest step in the state), or None before any step.
@@ -399,7 +404,7 @@ def _single_tensor_dualadam(
             if s.rescale_inv and s.alpha != 0.0:
                 inv = torch.mul(m, sqrt_v_hat)
                 adam = m / sqrt_v_hat.add_(s.eps)
-                inv.mul_(_norm_ratio(adam, inv) * s.alpha)
+                inv.mul_(_norm_ratios([adam], [inv])[0] * s.alpha)
                 compute.add_(inv.add_(adam, alpha=1.0 - s.alpha), alpha=-step_size)
             elif s.alpha == 0.0:
                 compute.addcdiv_(m, sqrt_v_hat.add_(s.eps), value=-step_size)
@@ -452,16 +457,18 @@ def _multi_tensor_dualadam(
         b = s.bias_correction2_sqrt
         root = torch._foreach_sqrt(vs)
         if s.rescale_inv and s.alpha != 0.0:
-            # without the scalars: inv = m * r, adam = m / (r + eps * b); the true terms are inv / b and
-            # adam * b (times 1 / bc1), so their norm ratio is b**2 * ||adam|| / ||inv||
+            # As the single-tensor path, with sqrt(v_hat) itself (so that the norms see the same scale):
+            # inv = m * sqrt(v_hat) and adam = m / (sqrt(v_hat) + eps), both times bc1, which the ratio
+            # ignores and step_size carries. adam is built in root's storage: one temporary besides inv.
+            torch._foreach_div_(root, b)
             inv = torch._foreach_mul(ms, root)
-            torch._foreach_add_(root, s.eps * b)
-            adam = torch._foreach_div(ms, root)
-            for inv_term, adam_term in zip(inv, adam):
-                inv_term.mul_(_norm_ratio(adam_term, inv_term))
-            torch._foreach_add_(compute, inv, alpha=-s.alpha * step_size * b)
+            torch._foreach_add_(root, s.eps)
+            torch._foreach_reciprocal_(root)
+            torch._foreach_mul_(root, ms)
+            torch._foreach_mul_(inv, _norm_ratios(root, inv))
+            torch._foreach_add_(compute, inv, alpha=-s.alpha * step_size)
             if s.alpha != 1.0:
-                torch._foreach_add_(compute, adam, alpha=-(1.0 - s.alpha) * step_size * b)
+                torch._foreach_add_(compute, root, alpha=-(1.0 - s.alpha) * step_size)
         else:
             if s.alpha != 0.0:
                 torch._foreach_addcmul_(compute, ms, root, value=-s.alpha * step_size / b)
@@ -475,9 +482,13 @@ def _multi_tensor_dualadam(
         torch._foreach_copy_(exp_avg_sqs, vs)
 
 
-def _norm_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """||numerator|| / ||denominator|| as a 0-dim tensor (no host sync); 0 where the denominator is 0,
-    which happens only where the InvAdam term itself is all zeros."""
-    top = torch.linalg.vector_norm(numerator)
-    bottom = torch.linalg.vector_norm(denominator)
-    return torch.where(bottom > 0, top / bottom, torch.zeros_like(top))
+def _norm_ratios(numerators: list[Tensor], denominators: list[Tensor]) -> list[Tensor]:
+    """||numerator|| / ||denominator|| per pair, as 0-dim tensors (no host sync).
+
+    0 where the denominator's norm is 0: the InvAdam term is all zeros, or so small that its squares
+    underflow (in fp32, every |m_hat * sqrt(v_hat)| below ~1e-19, i.e. gradients below ~3e-10). Such a
+    tensor takes the (1 - alpha) Adam part only; at those gradients eps dominates Adam's term anyway.
+    """
+    tops = torch._foreach_norm(numerators)
+    bottoms = torch._foreach_norm(denominators)
+    return [torch.where(bottom > 0, top / bottom, torch.zeros_like(top)) for top, bottom in zip(tops, bottoms)]

@@ -33,7 +33,7 @@ def _save(figure, axes, path: Path) -> Path:
     return path
 
 
-LINE_STYLES = ("-", "--", ":", "-.")
+LINE_STYLES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
 
 
 def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:

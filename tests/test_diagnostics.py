@@ -42,7 +42,8 @@ def test_inv_share_equals_a_hand_computation(inv_scale, dtype):
     expected = math.sqrt(inv_sq / bar_sq)
     state_before = {name: [s[name].clone() for s in optimizer.state.values()] for name in ("exp_avg", "exp_avg_sq")}
 
-    assert inv_share(*inv_share_sums(optimizer)) == pytest.approx(expected, rel=1e-4 if dtype == torch.float32 else 1e-6)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-6
+    assert inv_share(*inv_share_sums(optimizer)) == pytest.approx(expected, rel=tolerance)
     assert 0.0 < expected < 1.0
     for name, tensors in state_before.items():  # measuring leaves the optimizer's state alone
         for saved, s in zip(tensors, optimizer.state.values()):

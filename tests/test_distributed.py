@@ -243,6 +243,19 @@ def test_deepspeed_config_that_replaces_dualadam_is_refused(case, tmp_path):
     assert not (tmp_path / "run" / "trainer_state.json").exists()
 
 
+@pytest.mark.slow
+def test_rescaled_invadam_term_is_refused_under_zero_before_any_loading(tmp_path):
+    # ZeRO hands DualAdam flat partitions: a per-tensor norm there would be a per-partition one
+    config = deepspeed_launch_config(tmp_path, {"zero_optimization": {"stage": 2}})
+    result = launch_two(config, tmp_path / "run", "--optim_args", "switch_ratio=1.0,inv_scale=adam_rms")
+
+    assert result.returncode != 0
+    message = ("error: optim_args: inv_scale=adam_rms rescales per whole tensor, but DeepSpeed hands the optimizer "
+               "shards of tensors")
+    assert result.stderr.count(message) == 2, result.stderr[-4000:]
+    assert "data: train:" not in result.stdout + result.stderr and not (tmp_path / "run").exists()  # nothing loaded
+
+
 class FakeZero3:
     """What zero3_partitions_in_groups reads of DeepSpeed's ZeRO-3 optimizer, and how it steps."""
 

@@ -252,16 +252,19 @@ def test_stepping_disjoint_subsets_gives_the_same_alpha_and_params(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inv_scale", ["none", "adam_rms"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, None), (torch.float16, None)])
-def test_low_precision_params_track_the_float64_reference(backend, dtype, rtol):
+def test_low_precision_params_track_the_float64_reference(backend, dtype, rtol, inv_scale):
     """fp32 tracks the reference to 1e-5 relative. 16-bit parameters are updated in fp32 and rounded
     once per step, so they drift by rounding: we allow 1.5 units in the last place of the parameter
     dtype per step, relative to each tensor's largest magnitude."""
     params = make_params(dtype)
-    optimizer = DualAdam(params, lr=1e-2, betas=(0.9, 0.99), switch_rate=0.05, weight_decay=0.01, **BACKENDS[backend])
+    optimizer = DualAdam(params, lr=1e-2, betas=(0.9, 0.99), switch_rate=0.05, weight_decay=0.01, inv_scale=inv_scale,
+                         **BACKENDS[backend])
     grads = make_grads(STEPS)
     run(optimizer, params, grads)
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, alpha=linear_alpha(0.05))
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, alpha=linear_alpha(0.05),
+                 inv_scale=inv_scale)
     expected = reference_run([(range(len(SHAPES)), hyper)], [[g.to(dtype).double() for g in s] for s in grads])
     for i, p in enumerate(params):
         assert p.dtype == dtype and optimizer.state[p]["exp_avg"].dtype == dtype
@@ -277,9 +280,10 @@ def test_low_precision_params_track_the_float64_reference(backend, dtype, rtol):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inv_scale", ["none", "adam_rms"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_is_never_written(backend, dtype):
-    assert_grad_never_written(dtype, **BACKENDS[backend])
+def test_grad_is_never_written(backend, dtype, inv_scale):
+    assert_grad_never_written(dtype, **BACKENDS[backend], inv_scale=inv_scale)
 
 
 def assert_grad_never_written(dtype, **backend):
@@ -424,17 +428,51 @@ def test_rescaled_run_resumes_bit_exact(backend):
     assert optimizer.param_groups[0]["inv_scale"] == "adam_rms"
 
 
-def test_a_state_dict_saved_before_inv_scale_existed_loads_as_the_paper():
+@pytest.mark.parametrize("inv_scale", ["none", "adam_rms"])
+def test_a_state_dict_saved_before_inv_scale_existed_keeps_the_optimizers_setting(inv_scale):
     params = make_params()
     optimizer = DualAdam(params, lr=1e-2, switch_rate=0.05)
     run(optimizer, params, make_grads(2))
     saved = optimizer.state_dict()
     for group in saved["param_groups"]:
         del group["inv_scale"]
-    optimizer = DualAdam(params, lr=1e-2, switch_rate=0.05)
+    optimizer = DualAdam(params, lr=1e-2, switch_rate=0.05, inv_scale=inv_scale)
     optimizer.load_state_dict(saved)
     run(optimizer, params, make_grads(1))
-    assert optimizer.param_groups[0]["inv_scale"] == "none"
+    assert optimizer.param_groups[0]["inv_scale"] == inv_scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rescaled_term_with_a_large_eps_and_llm_sized_gradients_matches_the_reference(backend):
+    # eps comparable to sqrt(v_hat) exercises how each backend folds eps into the Adam term
+    params = make_params()
+    optimizer = DualAdam(params, lr=1e-2, betas=(0.9, 0.99), eps=5e-5, switch_rate=0.05, inv_scale="adam_rms",
+                         **BACKENDS[backend])
+    grads = [[g * 1e-4 for g in step] for step in make_grads(STEPS)]
+    run(optimizer, params, grads)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=5e-5, weight_decay=0.0, alpha=linear_alpha(0.05),
+                 inv_scale="adam_rms")
+    assert_matches_reference(params, reference_run([(range(len(SHAPES)), hyper)], grads))
+
+
+def test_both_backends_rescale_tiny_fp32_gradients_alike():
+    """fp32 norms of m_hat * sqrt(v_hat) ~ g**2 stay above underflow down to |g| ~ 1e-9; both backends
+    take them on the same scale, so they agree with each other and with the float64 reference."""
+    results = {}
+    grads = [[(g * 1e-9).float() for g in step] for step in make_grads(5)]
+    for backend in BACKENDS:
+        params = make_params(torch.float32)
+        run(DualAdam(params, lr=1e-2, switch_rate=0.0, inv_scale="adam_rms", **BACKENDS[backend]), params, grads)
+        results[backend] = params
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, alpha=linear_alpha(0.0),
+                 inv_scale="adam_rms")
+    expected = reference_run([(range(len(SHAPES)), hyper)], [[g.double() for g in step] for step in grads])
+    start = make_params(torch.float32)
+    for i, (single, foreach) in enumerate(zip(results["single"], results["foreach"])):
+        moved = (single.detach().double() - start[i].detach().double()).norm().item()
+        expected_move = (expected[i] - start[i].detach().double()).norm().item()
+        assert moved == pytest.approx(expected_move, rel=1e-3)
+        torch.testing.assert_close(single, foreach, rtol=0, atol=1e-6)
 
 
 def test_rescaling_refuses_dtensor_shards():

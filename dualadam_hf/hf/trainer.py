@@ -36,7 +36,11 @@ logger = logging.getLogger(__name__)
 TRAIN_EVAL_CAP = 2048
 
 
-class DeepSpeedConfigError(ValueError):
+class LaunchConfigError(ValueError):
+    """The launcher's configuration (DeepSpeed, FSDP), read once the Trainer exists, does not fit the optimizer."""
+
+
+class DeepSpeedConfigError(LaunchConfigError):
     """The DeepSpeed config would make another optimizer train while ``optim`` names ours."""
 
 
@@ -141,8 +145,24 @@ class DualAdamTrainer(Trainer):
         # state.max_steps is the run's total optimizer steps once training has started: switch_ratio needs it
         with run_length(self.state.max_steps or None):
             optimizer = super().create_optimizer(model)
+        self._refuse_rescaling_shards(optimizer)
         logger.info("optimizer: %s", type(unwrap_optimizer(optimizer)).__name__)
         return optimizer
+
+    def _refuse_rescaling_shards(self, optimizer: torch.optim.Optimizer) -> None:
+        """inv_scale="adam_rms" takes norms per tensor, and DeepSpeed and FSDP hand the optimizer shards
+        (ZeRO: flat partitions, which no DualAdam check can tell apart from whole tensors). Catches the
+        optimizer a ``optimizer_cls_and_kwargs`` built too, which the optim_args check never sees."""
+        dualadam = find_dualadam(optimizer)
+        if dualadam is None or not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return
+        for group in dualadam.param_groups:
+            if group.get("inv_scale", "none") != "none":
+                sharding = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+                raise LaunchConfigError(
+                    f"{type(dualadam).__name__}: inv_scale={group['inv_scale']} rescales per whole tensor, but "
+                    f"{sharding} hands the optimizer shards of tensors; remove inv_scale or train without sharding"
+                )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP with sharded checkpoints the Trainer's save_model writes no model at all: the

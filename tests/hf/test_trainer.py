@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from tiny_lm import TokenDataset, tiny_llama, training_kwargs
 from transformers import TrainerCallback
 
-from dualadam_hf import DualAdamTrainer, DualAdamTrainingArguments
+from dualadam_hf import DualAdam, DualAdamTrainer, DualAdamTrainingArguments
+from dualadam_hf.hf.trainer import LaunchConfigError
 
 
 def make_trainer(tmp_path, train_set, eval_set=None, model=None, **overrides):
@@ -110,6 +111,21 @@ def test_rescaled_invadam_term_holds_at_least_alpha_of_the_update(tmp_path, trai
     for step, (share, alpha) in shares["adam_rms"].items():
         assert alpha - 1e-6 <= share <= 1.0 + 1e-9, step
     assert all(share < 0.01 for share, alpha in shares["none"].values())
+
+
+@pytest.mark.parametrize("sharding", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_a_rescaling_dualadam_built_by_hand_is_refused_under_sharding(sharding, tmp_path, train_set):
+    # optimizer_cls_and_kwargs bypasses optim_args, so the Trainer checks the optimizer it built
+    args = DualAdamTrainingArguments(**training_kwargs(tmp_path))
+    kwargs = {"lr": 1e-3, "switch_rate": 0.1, "inv_scale": "adam_rms"}
+    trainer = DualAdamTrainer(model=tiny_llama(), args=args, train_dataset=train_set,
+                              optimizer_cls_and_kwargs=(DualAdam, kwargs))
+    assert trainer.create_optimizer().param_groups[0]["inv_scale"] == "adam_rms"  # one process: fine
+    trainer.optimizer = None
+    setattr(trainer, sharding, True)
+    with pytest.raises(LaunchConfigError, match="inv_scale=adam_rms rescales per whole tensor, but "
+                                                f"{'DeepSpeed' if 'deepspeed' in sharding else 'FSDP'} hands"):
+        trainer.create_optimizer()
 
 
 def test_adamw_baseline_reports_the_same_metrics_and_no_alpha(tmp_path, train_set, eval_set):
