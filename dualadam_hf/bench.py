@@ -63,6 +63,8 @@ def candidates() -> list[Candidate]:
         Candidate("DualAdam fused, after switch", lambda ps: DualAdam(ps, **switched, fused=True)),
         Candidate("DualAdam foreach, blending", lambda ps: DualAdam(ps, **blending, foreach=True)),
         Candidate("DualAdam foreach, after switch", lambda ps: DualAdam(ps, **switched, foreach=True)),
+        Candidate("DualAdam foreach, blending, inv_scale=adam_rms",
+                  lambda ps: DualAdam(ps, **blending, foreach=True, inv_scale="adam_rms")),
         Candidate("InvAdam fused", lambda ps: InvAdam(ps, **HYPER, fused=True)),
     ]
     if importlib.util.find_spec("pytorch_optimizer") is not None:
@@ -219,14 +221,15 @@ def format_table(report: dict) -> str:
         f"{report['device']} ({report['device_name']}), {report['threads']} threads, torch {report['torch']}, "
         f"median of {report['rounds']} rounds x {report['steps_per_round']} steps"
     )
+    width = max([len("optimizer")] + [len(row["name"]) for row in report["results"]])
     header = (
-        f"{'optimizer':<36} {'ms/step':>9} {'GB/s':>7} {'/AdamW fused':>13} {'/AdamW foreach':>15} "
+        f"{'optimizer':<{width}} {'ms/step':>9} {'GB/s':>7} {'/AdamW fused':>13} {'/AdamW foreach':>15} "
         f"{'first step s':>13} {'compiles':>9}"
     )
     lines = [setup, header]
     for row in report["results"]:
         lines.append(
-            f"{row['name']:<36} {row['ms_per_step']:>9.2f} {row['gb_per_s']:>7.2f} "
+            f"{row['name']:<{width}} {row['ms_per_step']:>9.2f} {row['gb_per_s']:>7.2f} "
             f"{number(row['vs_adamw_fused'], '.3f'):>13} {number(row['vs_adamw_foreach'], '.3f'):>15} "
             f"{row['first_step_s']:>13.2f} {row['compiles']:>9}"
         )
