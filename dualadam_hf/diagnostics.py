@@ -28,62 +28,48 @@ def inv_share_sums(optimizer: DualAdam) -> tuple[float, float]:
     """(Σ ‖α_t·ũ_t‖², Σ ‖ū_t‖²) over the parameters whose state this process holds.
 
     ũ_t is the InvAdam term as the step used it: rescaled per tensor to the norm of the Adam term u_t
-    under ``inv_scale="adam_rms"``, so that its part is then α_t·‖u_t‖.
+    under ``inv_scale="adam_rms"``, so that its part is then α_t·‖u_t‖. With ū = a·ũ + b·u,
+    ‖ū‖² = a²‖ũ‖² + 2ab⟨ũ, u⟩ + b²‖u‖², so one pass over the state per parameter gives every term (all
+    of them >= 0: ũ and u have the sign of m̂ element by element).
     """
     inv_sq = 0.0
     bar_sq = 0.0
     for group in optimizer.param_groups:
         beta1, beta2 = group["betas"]
-        rescale = group.get("inv_scale", "none") == "adam_rms"
         for p in group["params"]:
             state = optimizer.state.get(p)
             if not state:
                 continue
             step = int(state["step"].item())
             alpha = schedule_alpha(group, step, optimizer._custom_schedule)
-            terms = _Terms(state, beta1, beta2, group["eps"], step)
-            scale = 1.0
-            if rescale:  # one more pass, for the two norms the step rescaled with
-                inv_norm_sq, adam_norm_sq = terms.norms_squared()
-                scale = math.sqrt(adam_norm_sq / inv_norm_sq) if inv_norm_sq > 0 else 0.0
-            inv_part_sq, blend_sq = terms.sums_of_squares(alpha * scale, 1.0 - alpha)
-            inv_sq += inv_part_sq
-            bar_sq += blend_sq
+            inv_norm_sq, adam_norm_sq, cross = _term_sums(state, beta1, beta2, group["eps"], step)
+            inv_weight = alpha
+            if group["inv_scale"] == "adam_rms":
+                inv_weight *= math.sqrt(adam_norm_sq / inv_norm_sq) if inv_norm_sq > 0 else 0.0
+            adam_weight = 1.0 - alpha
+            inv_sq += inv_weight**2 * inv_norm_sq
+            bar_sq += (
+                inv_weight**2 * inv_norm_sq + 2 * inv_weight * adam_weight * cross + adam_weight**2 * adam_norm_sq
+            )
     return inv_sq, bar_sq
 
 
-class _Terms:
-    """The InvAdam term m̂·√v̂ and the Adam term m̂/(√v̂+ε) of one parameter's latest step, chunk by chunk."""
-
-    def __init__(self, state: dict, beta1: float, beta2: float, eps: float, step: int) -> None:
-        self.exp_avg = _local(state["exp_avg"]).reshape(-1)
-        self.exp_avg_sq = _local(state["exp_avg_sq"]).reshape(-1)
-        self.bias_correction1 = 1.0 - beta1**step
-        self.bias_correction2 = 1.0 - beta2**step
-        self.eps = eps
-
-    def chunks(self):
-        for m, v in zip(self.exp_avg.split(CHUNK), self.exp_avg_sq.split(CHUNK)):
-            m_hat = m.float() / self.bias_correction1  # new tensors: .float() of fp32 state is the state
-            sqrt_v_hat = (v.float() / self.bias_correction2).sqrt_()
-            yield torch.mul(m_hat, sqrt_v_hat), m_hat.div_(sqrt_v_hat.add_(self.eps))
-
-    def norms_squared(self) -> tuple[float, float]:
-        """(‖ũ‖², ‖u‖²)"""
-        inv_sq = adam_sq = 0.0
-        for inv, adam in self.chunks():
-            inv_sq += inv.square_().sum().item()
-            adam_sq += adam.square_().sum().item()
-        return inv_sq, adam_sq
-
-    def sums_of_squares(self, inv_weight: float, adam_weight: float) -> tuple[float, float]:
-        """(‖inv_weight·ũ‖², ‖inv_weight·ũ + adam_weight·u‖²)"""
-        inv_part = blend = 0.0
-        for inv, adam in self.chunks():
-            inv.mul_(inv_weight)
-            inv_part += inv.square().sum().item()
-            blend += inv.add_(adam, alpha=adam_weight).square_().sum().item()
-        return inv_part, blend
+def _term_sums(state: dict, beta1: float, beta2: float, eps: float, step: int) -> tuple[float, float, float]:
+    """(‖ũ‖², ‖u‖², ⟨ũ, u⟩) of one parameter's latest step, with ũ = m̂·√v̂ and u = m̂/(√v̂+ε), chunk by chunk."""
+    exp_avg = _local(state["exp_avg"]).reshape(-1)
+    exp_avg_sq = _local(state["exp_avg_sq"]).reshape(-1)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    inv_sq = adam_sq = cross = 0.0
+    for m, v in zip(exp_avg.split(CHUNK), exp_avg_sq.split(CHUNK)):
+        m_hat = m.float() / bias_correction1  # new tensors: .float() of fp32 state is the state
+        sqrt_v_hat = (v.float() / bias_correction2).sqrt_()
+        inv = torch.mul(m_hat, sqrt_v_hat)
+        adam = m_hat.div_(sqrt_v_hat.add_(eps))
+        inv_sq += torch.dot(inv, inv).item()
+        adam_sq += torch.dot(adam, adam).item()
+        cross += torch.dot(inv, adam).item()
+    return inv_sq, adam_sq, cross
 
 
 def inv_share(inv_sq: float, bar_sq: float) -> float | None:
