@@ -125,13 +125,19 @@ def check_optimizer_settings(optimizer: str, args: Any) -> None:
 
 def check_inv_scale_placement(extra: dict[str, Any], args: Any) -> None:
     """Refuse ``inv_scale`` where the optimizer would rescale shards instead of whole tensors."""
-    inv_scale = extra.get("inv_scale", "none")
-    sharding = sharding_of(args)
-    if inv_scale != "none" and sharding is not None:
-        raise ValueError(
-            f"optim_args: inv_scale={inv_scale} rescales per whole tensor, but {sharding} hands the optimizer "
-            "shards of tensors; remove inv_scale or train without sharding (DDP is fine)"
-        )
+    refusal = inv_scale_on_shards(extra.get("inv_scale", "none"), sharding_of(args))
+    if refusal is not None:
+        raise ValueError(f"optim_args: {refusal}")
+
+
+def inv_scale_on_shards(inv_scale: str, sharding: str | None) -> str | None:
+    """Why ``inv_scale`` cannot run under ``sharding`` ("DeepSpeed", "FSDP"), or None where it can."""
+    if inv_scale == "none" or sharding is None:
+        return None
+    return (
+        f"inv_scale={inv_scale} rescales per whole tensor, but {sharding} hands the optimizer shards of tensors; "
+        "remove inv_scale or train without sharding (DDP is fine)"
+    )
 
 
 def sharding_of(args: Any) -> str | None:

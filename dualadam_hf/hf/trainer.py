@@ -24,7 +24,7 @@ from transformers.trainer_utils import speed_metrics
 
 from dualadam_hf.diagnostics import inv_share, inv_share_sums
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
-from dualadam_hf.hf.optim_args import check_optimizer_settings
+from dualadam_hf.hf.optim_args import check_optimizer_settings, inv_scale_on_shards
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
 from dualadam_hf.optimizer import DualAdam
@@ -154,15 +154,13 @@ class DualAdamTrainer(Trainer):
         (ZeRO: flat partitions, which no DualAdam check can tell apart from whole tensors). Catches the
         optimizer a ``optimizer_cls_and_kwargs`` built too, which the optim_args check never sees."""
         dualadam = find_dualadam(optimizer)
-        if dualadam is None or not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if dualadam is None:
             return
+        sharding = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else None
         for group in dualadam.param_groups:
-            if group.get("inv_scale", "none") != "none":
-                sharding = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
-                raise LaunchConfigError(
-                    f"{type(dualadam).__name__}: inv_scale={group['inv_scale']} rescales per whole tensor, but "
-                    f"{sharding} hands the optimizer shards of tensors; remove inv_scale or train without sharding"
-                )
+            refusal = inv_scale_on_shards(group["inv_scale"], sharding)
+            if refusal is not None:
+                raise LaunchConfigError(f"{type(dualadam).__name__}: {refusal}")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP with sharded checkpoints the Trainer's save_model writes no model at all: the
