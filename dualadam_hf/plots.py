@@ -36,6 +36,11 @@ def _save(figure, axes, path: Path) -> Path:
 LINE_STYLES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
 
 
+def _variant(name: str) -> str:
+    """"dualadam" of a sweep's run "dualadam/seed0 ..."; a name without "/" is its own variant."""
+    return name.split("/", 1)[0]
+
+
 def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:
     """name -> (color, line style). Runs named "VARIANT/..." (a sweep's) share their variant's color and
     differ by line style, so that twelve runs of four variants read as four colors; others get a color each."""
@@ -43,7 +48,7 @@ def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:
     seen: dict[str, int] = {}
     styles = {}
     for name in names:
-        group = name.split("/", 1)[0] if "/" in name else name
+        group = _variant(name)
         colors.setdefault(group, f"C{len(colors) % 10}")
         styles[name] = (colors[group], LINE_STYLES[seen.get(group, 0) % len(LINE_STYLES)])
         seen[group] = seen.get(group, 0) + 1
@@ -53,12 +58,12 @@ def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:
 def legend_labels(names: list[str]) -> dict[str, str]:
     """name -> legend label. When some variant has several runs ("VARIANT/seedN ..."), the legend names each
     variant once (its first run's label without the "/seedN" part) and the other runs stay out of it."""
-    groups = [name.split("/", 1)[0] for name in names if "/" in name]
+    groups = [_variant(name) for name in names if "/" in name]
     if len(groups) == len(set(groups)):
         return {name: name for name in names}
     labels, seen = {}, set()
     for name in names:
-        group = name.split("/", 1)[0]
+        group = _variant(name)
         labels[name] = "_nolegend_" if group in seen else re.sub(r"/\S*", "", name, count=1)
         seen.add(group)
     return labels
