@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import datasets
 import pytest
 import torch.distributed as dist
 import transformers
+from one_process_group import one_process_group
 
 from dualadam_hf.cli import script_main
 from dualadam_hf.finetune import ARGUMENT_TYPES, describe, main
@@ -157,16 +157,9 @@ def test_the_process_group_is_destroyed_before_the_script_returns(outcome, tmp_p
         if outcome == "refused":
             raise DataError("a record has no output")
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
+    with one_process_group():
         code = script_main(ARGUMENT_TYPES, [TINY, "--output_dir", str(tmp_path / "run")],
                            prog="finetune.py", description="", describe=describe, run=run)
         assert not dist.is_initialized()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     assert code == (0 if outcome == "finished" else 1)
     assert barriers == ([True] if outcome == "finished" else [])

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from one_process_group import one_process_group
 from reference import ReferenceParam, exponential_alpha, linear_alpha, step_alpha
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -476,16 +477,9 @@ def test_both_backends_rescale_tiny_fp32_gradients_alike():
 
 
 def test_rescaling_refuses_dtensor_shards():
-    import socket
-
-    import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
+    with one_process_group():
         mesh = DeviceMesh("cpu", [0])
         p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 2), mesh, [Shard(0)]))
         p.grad = distribute_tensor(torch.randn(4, 2), mesh, [Shard(0)])
@@ -493,5 +487,3 @@ def test_rescaling_refuses_dtensor_shards():
                                                "a DTensor"):
             DualAdam([p], inv_scale="adam_rms").step()
         DualAdam([p]).step()  # the paper's DualAdam steps DTensors
-    finally:
-        dist.destroy_process_group()
