@@ -17,6 +17,7 @@ from dualadam_hf.compare import write_run_config
 from dualadam_hf.hf.optim_args import DUALADAM_KEYS, check_optimizer_settings, split_optim_args
 from dualadam_hf.hf.registration import is_ours
 from dualadam_hf.hf.trainer import LaunchConfigError
+from dualadam_hf.models.loading import ModelLoadError
 from dualadam_hf.recipe import parse_for_this_machine
 from dualadam_hf.sft_data import DataError
 
@@ -78,7 +79,7 @@ def script_main(
     try:
         run(*settings)
         finished = True
-    except DataError as error:
+    except (DataError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except LaunchConfigError as error:  # the launcher's config, read once the Trainer exists

@@ -35,7 +35,10 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Run the model's own code from the hub (needed by openPangu). Off unless the recipe says so."},
+        metadata={
+            "help": "Run the model's own Python files from its repository. Off unless the recipe says so; refused "
+            "for openPangu-Embedded, which dualadam_hf loads natively."
+        },
     )
     dtype: str = field(
         default="auto",
@@ -172,25 +175,15 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int) -> tuple[Any
         return build_tiny_llama(tokenizer, seed=seed), tokenizer
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = model_args.model_name_or_path
-    trust = model_args.trust_remote_code
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            trust_remote_code=trust,
-            dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
-            attn_implementation=model_args.attn_implementation,
-        )
-    except OSError as error:  # not on the hub, no network, no such directory
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"cannot load model {name!r}: {first_line}") from None
-    if tokenizer.pad_token is None:
-        # Padding is masked out of the loss and the attention, so any existing token serves.
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    from dualadam_hf.models.loading import load_causal_lm
+
+    return load_causal_lm(
+        model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+        dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+    )
 
 
 def apply_lora(model: Any, lora_args: LoraArguments) -> Any:

@@ -110,16 +110,21 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def user_turn(instruction: str, input_text: str) -> str:
+    """The user's message under a chat template: the instruction, then a blank line and the input if any."""
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
 def build_prompt(tokenizer, instruction: str, input_text: str) -> str:
     """Return the text that precedes the response: the tokenizer's chat template if it has one, else Alpaca's.
 
-    Under a chat template the instruction and input form one user turn, separated by a blank line.
+    Under a chat template it is the rendered user turn followed by the assistant's opening
+    (``add_generation_prompt``), exactly what the model sees at inference.
     """
     if not _has_chat_template(tokenizer):
         return format_alpaca_prompt(instruction, input_text)
-    content = f"{instruction}\n\n{input_text}" if input_text else instruction
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": user_turn(instruction, input_text)}], tokenize=False, add_generation_prompt=True
     )
 
 
@@ -199,12 +204,56 @@ def load_records(data_args: DataArguments) -> tuple[Dataset, Dataset]:
     return _first(train, data_args.max_train_samples), _first(evaluation, data_args.max_eval_samples)
 
 
+def _chat_example(tokenizer, record: dict) -> tuple[list[int], int]:
+    """The whole rendered conversation's ids, and how many of them belong to the prompt.
+
+    The conversation is tokenized once, with the tokenizer's defaults, as the model card's inference
+    code tokenizes a rendered prompt (so a bos the tokenizer adds is there too). Tokenizing the prompt
+    and the response apart would differ from it: a sentencepiece tokenizer gives the response's first
+    piece a dummy-prefix ``▁`` that the whole conversation does not have. The prompt's length is the
+    longest run of ids the conversation shares with the prompt tokenized alone, so a piece that joins
+    the prompt's last characters to the response's first is learnt, not masked.
+    """
+    prompt = build_prompt(tokenizer, record["instruction"], record.get("input") or "")
+    conversation = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": user_turn(record["instruction"], record.get("input") or "")},
+            {"role": "assistant", "content": record["output"]},
+        ],
+        tokenize=False,
+    )
+    if not conversation.startswith(prompt):
+        raise DataError(
+            "the tokenizer's chat template renders the prompt differently inside the conversation; "
+            "labels cannot be placed (use a template whose generation prompt starts the assistant turn)"
+        )
+    input_ids = tokenizer(conversation)["input_ids"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    shared = next(
+        (index for index, (a, b) in enumerate(zip(input_ids, prompt_ids)) if a != b), min(len(input_ids), len(prompt_ids))
+    )
+    return input_ids, shared
+
+
+def _alpaca_example(tokenizer, record: dict) -> tuple[list[int], int]:
+    """[bos] + Alpaca prompt + response + eos, prompt and response tokenized apart (no dummy prefix here:
+    the tokenizers without a chat template that this path serves are byte-level ones)."""
+    prompt_ids = tokenizer(build_prompt(tokenizer, record["instruction"], record.get("input") or ""),
+                           add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    return [*prompt_ids, *response_ids, tokenizer.eos_token_id], len(prompt_ids)
+
+
 def tokenize_record(tokenizer, record: dict, max_seq_length: int) -> dict:
     """Tokenize one record into ``input_ids``, ``labels``, ``attention_mask`` and ``truncated``.
 
-    The sequence is [bos] + prompt + response + eos. Prompt and response are tokenized apart and
-    joined, so the label boundary falls exactly between them. bos is added only with the Alpaca
-    prompt, and only if the tokenizer has one: a chat template writes its own special tokens.
+    With a chat template the example is the conversation user turn -> assistant turn as the template
+    renders it, tokenized whole with the tokenizer's defaults; the labels are ``IGNORE_INDEX`` through
+    the end of the rendered prompt (the assistant's opening included) and the ids from the first
+    response token through the template's closing token. Without one it is the Alpaca prompt with bos
+    (when the tokenizer has one), then the response and eos.
 
     An example longer than ``max_seq_length`` is cut from the right. A prompt that alone would fill
     the budget keeps only ``max_seq_length - 1`` tokens, so that at least one response token is
@@ -213,20 +262,17 @@ def tokenize_record(tokenizer, record: dict, max_seq_length: int) -> dict:
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; the response must end with one")
-    prompt = build_prompt(tokenizer, record["instruction"], record.get("input") or "")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and not _has_chat_template(tokenizer):
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    response_ids = [*tokenizer(record["output"], add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    make = _chat_example if _has_chat_template(tokenizer) else _alpaca_example
+    input_ids, prompt_length = make(tokenizer, record)
 
-    kept_prompt_length = min(len(prompt_ids), max_seq_length - 1)
-    kept_response_ids = response_ids[: max_seq_length - kept_prompt_length]
-    input_ids = prompt_ids[:kept_prompt_length] + kept_response_ids
+    kept_prompt_length = min(prompt_length, max_seq_length - 1)
+    kept_response_ids = input_ids[prompt_length:][: max_seq_length - kept_prompt_length]
+    kept_ids = input_ids[:kept_prompt_length] + kept_response_ids
     return {
-        "input_ids": input_ids,
+        "input_ids": kept_ids,
         "labels": [IGNORE_INDEX] * kept_prompt_length + kept_response_ids,
-        "attention_mask": [1] * len(input_ids),
-        "truncated": len(prompt_ids) + len(response_ids) > max_seq_length,
+        "attention_mask": [1] * len(kept_ids),
+        "truncated": len(input_ids) > max_seq_length,
     }
 
 

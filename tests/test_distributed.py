@@ -256,6 +256,19 @@ def test_rescaled_invadam_term_is_refused_under_zero_before_any_loading(tmp_path
     assert "data: train:" not in result.stdout + result.stderr and not (tmp_path / "run").exists()  # nothing loaded
 
 
+
+def test_a_launch_precision_that_disagrees_with_the_recipe_is_one_line_per_rank(tmp_path):
+    # the shipped ZeRO-2 config says mixed_precision: bf16; the tiny recipe trains in fp32
+    launcher = ["--config_file", "recipes/accelerate/zero2.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    result = launch(launcher, ["scripts/finetune.py", *RUN], tmp_path / "run")
+
+    assert result.returncode != 0
+    message = ("error: precision: the accelerate launch config sets mixed_precision=bf16 but the recipe trains in fp32, "
+               "and DeepSpeed needs the two to agree: launch with --mixed_precision no, or set bf16: true in the recipe\n")
+    assert result.stderr.count(message) == 2, result.stderr[-4000:]
+    assert "mismatch" not in result.stderr  # DeepSpeed's own many-line refusal never comes
+    assert "data: train:" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
+
 class FakeZero3:
     """What zero3_partitions_in_groups reads of DeepSpeed's ZeRO-3 optimizer, and how it steps."""
 

@@ -41,8 +41,8 @@ def no_downloads(monkeypatch):
 def test_dry_run_of_the_openpangu_recipes_is_offline(recipe, optimizer, capsys, no_downloads):
     assert main([recipe, "--dry_run", "true"]) == 0
     out = capsys.readouterr().out
-    assert "FreedomIntelligence/openPangu-Embedded-1B (trust_remote_code=True" in out
-    assert "surogate/alpaca-gpt4-data-zh" in out
+    assert "FreedomIntelligence/openPangu-Embedded-1B (trust_remote_code=False" in out
+    assert "llm-wizard/alpaca-gpt4-data-zh" in out
     assert f"optimizer:       {optimizer}" in out
     assert "4 per device x 8 accumulation x 1 processes = 32 examples per optimizer step" in out
     assert "bf16 mixed" in out

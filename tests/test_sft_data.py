@@ -293,9 +293,10 @@ def test_chat_template_replaces_the_alpaca_prompt(tokenizer):
     example = tokenize_record(chat_tokenizer, {"instruction": "翻译", "input": "你好", "output": "Hi"}, 512)
 
     assert prompt == "<|user|>翻译\n\n你好<|assistant|>"
-    prompt_ids = chat_tokenizer.encode(prompt, add_special_tokens=False)
-    assert example["input_ids"][: len(prompt_ids)] == prompt_ids  # the template, not bos, comes first
-    assert example["labels"].count(IGNORE_INDEX) == len(prompt_ids)
+    # the rendered conversation, tokenized whole with the tokenizer's defaults (its bos included)
+    assert example["input_ids"] == chat_tokenizer(prompt + "Hi")["input_ids"]
+    prompt_length = len(chat_tokenizer(prompt)["input_ids"])
+    assert example["labels"] == [IGNORE_INDEX] * prompt_length + example["input_ids"][prompt_length:]
     assert build_prompt(tokenizer, "翻译", "你好") == format_alpaca_prompt("翻译", "你好")
 
 

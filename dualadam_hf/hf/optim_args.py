@@ -7,10 +7,10 @@ of the run after which alpha reaches 0) is turned into a ``switch_rate`` once th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
+from dualadam_hf.hf.launch import sharding_of
 from dualadam_hf.optimizer import INV_SCALES, SCHEDULES, check_hyperparameters, check_schedule
 
 
@@ -138,17 +138,3 @@ def inv_scale_on_shards(inv_scale: str, sharding: str | None) -> str | None:
         f"inv_scale={inv_scale} rescales per whole tensor, but {sharding} hands the optimizer shards of tensors; "
         "remove inv_scale or train without sharding (DDP is fine)"
     )
-
-
-def sharding_of(args: Any) -> str | None:
-    """"DeepSpeed" or "FSDP" when the run hands the optimizer sharded tensors, from TrainingArguments or
-    from the environment ``accelerate launch`` sets for its config; None otherwise."""
-    if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        return "DeepSpeed"
-    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
-        return "FSDP"
-    return None
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")

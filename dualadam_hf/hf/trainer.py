@@ -23,6 +23,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 
 from dualadam_hf.diagnostics import inv_share, inv_share_sums
+from dualadam_hf.hf.launch import check_deepspeed_precision
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
 from dualadam_hf.hf.optim_args import check_optimizer_settings, inv_scale_on_shards
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
@@ -92,6 +93,7 @@ class DualAdamTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_deepspeed_precision(self)
 
 
 class DualAdamTrainer(Trainer):
