@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dualadam_hf.finetune import main
 from dualadam_hf.tiny import ALPACA_ZH_SAMPLE
@@ -37,9 +38,11 @@ def alpaca_gpt4_zh(tmp_path_factory) -> Path:
     return path
 
 
-def launch(recipe: str, model: Path, dataset: Path, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+def launch(recipe: str, model: Path, dataset: Path, output_dir: Path, *flags: str,
+           launcher: tuple[str, ...] = ("--num_processes", "1")) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--mixed_precision", "no",
+        *(["tests/fsdp_on_cpu.py"] if "recipes/accelerate/fsdp.yaml" in launcher else []),
         "scripts/finetune.py", recipe, "--model_name_or_path", str(model), "--dataset_name", str(dataset),
         *CPU_SIZED, "--output_dir", str(output_dir), *flags,
     ]
@@ -75,6 +78,27 @@ def test_the_recipe_trains_the_published_format_under_accelerate_launch(
         assert saved["model_type"] == "PanguEmbedded" and saved["bias"] is True
     else:
         assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+def test_the_recipe_shards_the_published_format_over_two_processes(tiny_openpangu, alpaca_gpt4_zh, tmp_path, engine):
+    # ZeRO-3 and FSDP2 partition every parameter, the q/k/v/o biases included; on CPU over gloo
+    launcher = ("--config_file", f"recipes/accelerate/{engine}.yaml", "--num_processes", "2", "--main_process_port", "0")
+    result = launch(PANGU, tiny_openpangu, alpaca_gpt4_zh, tmp_path / "run", "--per_device_train_batch_size", "2",
+                    launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "x 2 processes = 4 examples per optimizer step" in result.stdout
+    assert 1.0 < json.loads((tmp_path / "run" / "all_results.json").read_text())["eval_ppl"] < float("inf")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model_type"] == "PanguEmbedded"
+    # the gathered model reloads natively, every parameter of it
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    original = AutoModelForCausalLM.from_pretrained(tiny_openpangu, dtype=reloaded.dtype)
+    assert reloaded.state_dict().keys() == original.state_dict().keys()
+    assert not torch.equal(reloaded.model.layers[0].self_attn.o_proj.bias, original.model.layers[0].self_attn.o_proj.bias)
 
 
 def test_the_dataset_folder_of_the_hub_repo_works_as_dataset_name(tiny_openpangu, alpaca_gpt4_zh, tmp_path):

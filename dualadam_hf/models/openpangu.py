@@ -36,6 +36,11 @@ from transformers.utils import is_protobuf_available, is_sentencepiece_available
 SENTENCEPIECE_READERS = {"sentencepiece": is_sentencepiece_available, "protobuf": is_protobuf_available}
 """What transformers needs to read a sentencepiece ``tokenizer.model``."""
 
+PUBLISHED_DEFAULTS = dict(
+    unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>", add_bos_token=True, add_eos_token=False
+)
+"""``PanguTokenizer.__init__``'s defaults in the published tokenization_openpangu.py."""
+
 MODEL_TYPE = "PanguEmbedded"
 """``model_type`` in the published ``config.json``; kept on save so vLLM and SGLang still know the model."""
 
@@ -106,6 +111,12 @@ class PanguTokenizer(TokenizersBackend):
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
+        # The published class's own defaults: a tokenizer_config.json that transformers 4.53 saved from it
+        # holds neither add_bos_token nor add_eos_token, and it prepends <s> all the same.
+        for key, value in PUBLISHED_DEFAULTS.items():
+            kwargs.setdefault(key, value)
+        # It encodes every piece between added tokens on its own, whatever "legacy" says.
+        kwargs["legacy"] = True
         # Say what is missing to read tokenizer.model: transformers would fall back to reading it as a tiktoken
         # file and report that package missing instead.
         tokenizer_json, vocab_file = kwargs.get("tokenizer_file"), kwargs.get("vocab_file")

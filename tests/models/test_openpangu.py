@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,24 @@ def test_tokenizer_ids_equal_the_published_rules(tiny_openpangu, tmp_path, varia
     ]
     for text in [*TEXTS.values(), *rendered, *random_texts(400, seed=len(variant))]:
         assert tokenizer(text)["input_ids"] == published_ids(processor, added, text), repr(text)
+
+
+def test_a_tokenizer_config_as_transformers_4_53_saves_it_still_prepends_bos(tiny_openpangu, tmp_path):
+    """Saved by the published class under 4.53 (seen there): no add_bos_token / add_eos_token keys, the
+    chat template in chat_template.jinja. The published class prepends <s> by its own default."""
+    directory = tmp_path / "saved-by-4.53"
+    shutil.copytree(tiny_openpangu, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key in ("add_bos_token", "add_eos_token", "sp_model_kwargs", "legacy"):
+        del config[key]
+    (directory / "chat_template.jinja").write_text(config.pop("chat_template"), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": {}}), encoding="utf-8")
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    for text in TEXTS.values():
+        assert tokenizer(text)["input_ids"] == published_ids(processor, added_tokens(directory), text), repr(text)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
 def test_byte_fallback_is_exercised_by_the_fixture(tiny_openpangu):
