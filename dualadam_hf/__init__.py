@@ -6,12 +6,12 @@ with the Auto classes, which then load its published checkpoints natively, witho
 """
 
 from dualadam_hf.hf.registration import register as _register
-from dualadam_hf.hf.trainer import DualAdamTrainer, DualAdamTrainingArguments
+from dualadam_hf.hf.trainer import DualAdamMetricsMixin, DualAdamTrainer, DualAdamTrainingArguments
 from dualadam_hf.models.openpangu import register as _register_openpangu
-from dualadam_hf.optimizer import DualAdam, InvAdam
+from dualadam_hf.optim import DualAdam, InvAdam
 
 _register()
 _register_openpangu()
 
-__all__ = ["DualAdam", "InvAdam", "DualAdamTrainer", "DualAdamTrainingArguments"]
+__all__ = ["DualAdam", "InvAdam", "DualAdamTrainer", "DualAdamTrainingArguments", "DualAdamMetricsMixin"]
 __version__ = "0.1.0"

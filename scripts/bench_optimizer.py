@@ -9,7 +9,7 @@ All optimizers live in one process and are timed round-robin on their own copies
 transformer-shaped set of tensors; the median over rounds is reported, with the effective
 bandwidth (28 bytes per float32 parameter), the ratios to torch's fused and foreach AdamW, and each
 optimizer's first step (for fused backends, the torch.compile time). kozistr's DualAdam is included
-when pytorch_optimizer is installed. See dualadam_hf/bench.py and docs/benchmarks.md.
+when pytorch_optimizer is installed. See dualadam_hf/analysis/bench.py and docs/benchmarks.md.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from dualadam_hf.bench import candidates, format_table, run_benchmark
+from dualadam_hf.analysis.bench import candidates, format_table, run_benchmark
 
 
 def main() -> int:

@@ -8,7 +8,8 @@ Training is deterministic, so running it on the unchanged sample reproduces the 
 import argparse
 from pathlib import Path
 
-from dualadam_hf.tiny import ALPACA_ZH_SAMPLE, TINY_TOKENIZER_DIR, TINY_VOCAB_SIZE, train_tiny_tokenizer
+from dualadam_hf.models.tiny import ALPACA_ZH_SAMPLE, TINY_TOKENIZER_DIR, TINY_VOCAB_SIZE, train_tiny_tokenizer
+from dualadam_hf.train.sft_data import alpaca_texts
 
 
 def main() -> None:
@@ -18,7 +19,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=TINY_TOKENIZER_DIR, help="Where to save the tokenizer.")
     args = parser.parse_args()
 
-    tokenizer = train_tiny_tokenizer(args.sample, args.vocab_size)
+    tokenizer = train_tiny_tokenizer(alpaca_texts(args.sample), args.vocab_size)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.output_dir}")
 

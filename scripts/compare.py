@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dualadam_hf.compare import CompareError, compare, summary_markdown
+from dualadam_hf.analysis.compare import CompareError, compare, summary_markdown
 
 
 def main() -> int:

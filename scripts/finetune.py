@@ -11,7 +11,7 @@ The recipe's keys are field names of the model, data, LoRA and TrainingArguments
 
 import sys
 
-from dualadam_hf.finetune import main
+from dualadam_hf.train.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="finetune.py", description=__doc__))

@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from dualadam_hf.cli import at_least
-from dualadam_hf.compare import CompareError
-from dualadam_hf.flatness_run import group_statistics, measure_run
+from dualadam_hf.train.cli import at_least
+from dualadam_hf.analysis.compare import CompareError
+from dualadam_hf.analysis.flatness_run import group_statistics, measure_run
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ Usage:
     python scripts/landscape_2d.py [--seeds N] [--noise STD] [--steps K] [--out DIR]
 
 Runs N seeded starts inside the sharp basin of each landscape (a two-well function and the
-rescaled Eggholder function; see dualadam_hf/landscape.py) for K steps of each optimizer, with
+rescaled Eggholder function; see dualadam_hf/analysis/landscape.py) for K steps of each optimizer, with
 the same learning rate for all three, and classifies each end point as flat basin, sharp basin or
 elsewhere. Writes DIR/results.json (rates, end points, a few trajectories, settings) and
 DIR/trajectories.png, and prints the flat and sharp rates.
@@ -16,8 +16,8 @@ import argparse
 import json
 import pathlib
 
-from dualadam_hf.cli import at_least
-from dualadam_hf.landscape import OPTIMIZERS, plot_trajectories, run_landscapes
+from dualadam_hf.train.cli import at_least
+from dualadam_hf.analysis.landscape import OPTIMIZERS, plot_trajectories, run_landscapes
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dualadam_hf.sweep import aggregate_markdown, check_unique, parse_variant, run_sweep
+from dualadam_hf.analysis.sweep import aggregate_markdown, check_unique, parse_variant, run_sweep
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ flags given on the command line win over the recipe.
 
 import sys
 
-from dualadam_hf.vision.train import main
+from dualadam_hf.train.vision.train import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="train_vision.py", description=__doc__))

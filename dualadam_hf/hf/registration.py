@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from dualadam_hf.hf.optim_args import check_inv_scale_placement, parse_optim_args, resolve_switch_ratio
-from dualadam_hf.optimizer import DualAdam, InvAdam
+from dualadam_hf.hf.settings import settings_of
+from dualadam_hf.optim import DualAdam, InvAdam
 
 # The transformers releases this module is tested on (pyproject.toml pins the same range).
 TESTED_TRANSFORMERS = ">=5.0,<5.30"
@@ -86,14 +86,14 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
 
 def optimizer_kwargs(name: str, args: Any, total_steps: int | None = None) -> dict[str, Any]:
     """DualAdam/InvAdam keyword arguments from TrainingArguments, as HF does for AdamW:
-    learning_rate, adam_beta1, adam_beta2, adam_epsilon, plus the typed optim_args.
+    learning_rate, adam_beta1, adam_beta2, adam_epsilon, plus the typed optim_args (``settings_of``: read
+    from DualAdamTrainingArguments, parsed and checked here for a stock TrainingArguments, which the stock
+    Trainer does not check before it builds the optimizer).
     Weight decay arrives per param group (HF's decay / no-decay split)."""
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    extra = parse_optim_args(name, args.optim_args)
-    check_inv_scale_placement(extra, args)  # the stock Trainer checks nothing before it builds the optimizer
     if total_steps is None and getattr(args, "max_steps", -1) > 0:
         total_steps = args.max_steps
-    kwargs.update(resolve_switch_ratio(extra, total_steps))
+    kwargs.update(settings_of(args).optimizer_kwargs(total_steps))
     return kwargs
 
 

@@ -1,4 +1,5 @@
-"""DualAdamTrainer: the HF Trainer plus the measures that tell whether a run generalizes.
+"""DualAdamTrainer (and DualAdamMetricsMixin, the same for any Trainer subclass): the HF Trainer plus the
+measures that tell whether a run generalizes.
 
 At every evaluation: ``eval_loss`` (token-weighted NLL over the whole validation set), ``eval_ppl``,
 ``eval_train_loss`` (the same measure, in eval mode, on a fixed subset of the training set) and
@@ -22,13 +23,13 @@ from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 
-from dualadam_hf.diagnostics import inv_share, inv_share_sums
 from dualadam_hf.hf.launch import check_deepspeed_precision
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
-from dualadam_hf.hf.optim_args import check_optimizer_settings, inv_scale_on_shards
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
+from dualadam_hf.hf.settings import inv_scale_on_shards, settings_of, settle
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
-from dualadam_hf.optimizer import DualAdam
+from dualadam_hf.optim import DualAdam
+from dualadam_hf.optim.diagnostics import inv_share, inv_share_sums
 
 logger = logging.getLogger(__name__)
 
@@ -94,27 +95,32 @@ class DualAdamTrainingArguments(TrainingArguments):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_deepspeed_precision(self)
+        # optim_args parsed and checked once, here; everything after reads optim_settings
+        self.optim_settings, self.optim_args_note = settle(self)
 
 
-class DualAdamTrainer(Trainer):
-    """A ``transformers.Trainer`` that builds DualAdam/InvAdam when ``optim`` names them (any other
-    optimizer otherwise) and reports validation perplexity and the generalization gap.
+class DualAdamMetricsMixin:
+    """What DualAdamTrainer adds to a Trainer, for any ``transformers.Trainer`` subclass (put it first):
+    ``class MySFT(DualAdamMetricsMixin, trl.SFTTrainer)``.
 
-    It computes its own evaluation measures from the model's logits, so ``compute_metrics`` and
-    ``preprocess_logits_for_metrics`` are not supported.
+    It builds DualAdam/InvAdam when ``optim`` names them, knowing the run's length (``switch_ratio``),
+    refuses DeepSpeed settings that would replace them, logs ``dualadam_alpha`` and
+    ``dualadam_inv_share`` with the training loss, and evaluates to ``eval_loss``, ``eval_ppl``,
+    ``eval_train_loss`` and ``eval_gen_gap``. It computes these measures from the model's logits, so
+    ``compute_metrics`` and ``preprocess_logits_for_metrics`` are not supported.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("compute_metrics") is not None or kwargs.get("preprocess_logits_for_metrics") is not None:
             raise ValueError(
-                "DualAdamTrainer computes its own metrics (loss, ppl, accuracy, gen_gap); "
+                f"{type(self).__name__} computes its own metrics (loss, ppl, accuracy, gen_gap); "
                 "compute_metrics and preprocess_logits_for_metrics are not supported"
             )
         super().__init__(*args, **kwargs)
         if is_ours(self.args.optim):
-            # refuse what DualAdam would refuse (a misspelt optim_args key, a beta >= 1, ...) now,
-            # not after the model is wrapped and the optimizer is built
-            check_optimizer_settings(str(self.args.optim.value), self.args)
+            # refuse what DualAdam would refuse (a misspelt optim_args key, a beta >= 1, ...) now, not after
+            # the model is wrapped and the optimizer is built (DualAdamTrainingArguments did it already)
+            settings_of(self.args)
             self._refuse_replaced_optimizer()
         self._train_eval_subset: Dataset | None = None
         self._eval_task: str | None = None
@@ -312,3 +318,9 @@ class DualAdamTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+
+class DualAdamTrainer(DualAdamMetricsMixin, Trainer):
+    """A ``transformers.Trainer`` that builds DualAdam/InvAdam when ``optim`` names them (any other
+    optimizer otherwise) and reports validation perplexity and the generalization gap
+    (``DualAdamMetricsMixin`` says what it adds)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dualadam_hf.optimizer import DualAdam
+from dualadam_hf.optim.dualadam import DualAdam
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

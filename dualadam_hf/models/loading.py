@@ -28,7 +28,8 @@ class ModelLoadError(ValueError):
     """A model or tokenizer that cannot be loaded; the one-line message names it and what is missing."""
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (its type's name when it has none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 
@@ -40,7 +41,7 @@ def read_config_dict(name: str) -> dict[str, Any]:
     try:
         return PreTrainedConfig.get_config_dict(name)[0]
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot read the config of {name!r}: {_first_line(error)}") from None
+        raise ModelLoadError(f"cannot read the config of {name!r}: {first_line(error)}") from None
 
 
 def _check_local_directory(directory: Path, config: dict[str, Any]) -> None:
@@ -52,7 +53,7 @@ def _check_local_directory(directory: Path, config: dict[str, Any]) -> None:
             try:
                 shards = set(json.loads((directory / index_name).read_text(encoding="utf-8"))["weight_map"].values())
             except (ValueError, KeyError, TypeError) as error:
-                raise ModelLoadError(f"{directory / index_name}: not a weight index ({_first_line(error)})") from None
+                raise ModelLoadError(f"{directory / index_name}: not a weight index ({first_line(error)})") from None
             missing = sorted(shards - present)
             if missing:
                 raise ModelLoadError(f"{directory}: weight shard {missing[0]} named in {index_name} is missing")
@@ -96,13 +97,13 @@ def load_causal_lm(
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError, KeyError) as error:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {_first_line(error)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {first_line(error)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation=attn_implementation
         )
     except (OSError, ValueError, ImportError, KeyError) as error:
-        raise ModelLoadError(f"cannot load the model {name!r}: {_first_line(error)}") from None
+        raise ModelLoadError(f"cannot load the model {name!r}: {first_line(error)}") from None
     if tokenizer.pad_token is None:
         # Padding is masked out of the loss and the attention, so any existing token serves.
         tokenizer.pad_token = tokenizer.eos_token

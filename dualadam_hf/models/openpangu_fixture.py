@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dualadam_hf.tiny import ALPACA_ZH_SAMPLE
+from dualadam_hf.models.tiny import ALPACA_ZH_SAMPLE
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -31,8 +31,8 @@ from dualadam_hf.models.openpangu_fixture import (
     train_sentencepiece,
     write_tokenizer_files,
 )
-from dualadam_hf.sft_data import IGNORE_INDEX, tokenize_record
-from dualadam_hf.tiny import ALPACA_ZH_SAMPLE
+from dualadam_hf.train.sft_data import IGNORE_INDEX, tokenize_record
+from dualadam_hf.models.tiny import ALPACA_ZH_SAMPLE
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = [json.loads(line) for line in ALPACA_ZH_SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,236 @@
+"""Optimizer-step benchmark: DualAdam's backends against torch's AdamW on a transformer-shaped model.
+
+Every optimizer gets its own copy of the same tensors (an embedding, then per layer a norm vector,
+the attention q/k/v/o matrices, a norm vector and the MLP up/down matrices, then a final norm) and
+fixed gradients. The timing is interleaved in one process: each round steps every optimizer in
+turn (the order rotates between rounds), and the figure kept is the median over rounds, so that a
+noisy, shared machine slows all of them alike. The first step of each optimizer is timed apart: it
+creates the state and, for the fused backend, compiles.
+
+Effective bandwidth counts what one step must move at least: read p, g, m, v and write p, m, v,
+7 element sizes per parameter (28 bytes in float32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dualadam_hf.optim.dualadam import DualAdam, InvAdam
+
+__all__ = ["Candidate", "candidates", "device_name", "format_table", "run_benchmark", "transformer_shapes"]
+
+ACCESSES_PER_PARAM = 7  # read p, g, m, v; write p, m, v
+LR = 1e-3
+WEIGHT_DECAY = 0.01  # torch AdamW's default, given to every optimizer (decoupled everywhere)
+BLENDING_SWITCH_RATE = 1e-7  # alpha stays strictly between 0 and 1 for the whole benchmark
+SWITCHED_RATE = 1.0  # alpha = max(0, 1 - t) = 0 from the first step on
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    make: Callable[[list[Tensor]], torch.optim.Optimizer]
+
+
+HYPER = dict(lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def _kozistr_dualadam(params: list[Tensor]) -> torch.optim.Optimizer:
+    import pytorch_optimizer
+
+    return pytorch_optimizer.DualAdam(
+        params, **HYPER, weight_decouple=True, switch_rate=BLENDING_SWITCH_RATE, foreach=True
+    )
+
+
+def candidates() -> list[Candidate]:
+    """The optimizers compared; kozistr's DualAdam (pytorch_optimizer) only when it is installed."""
+    blending = dict(HYPER, switch_rate=BLENDING_SWITCH_RATE)
+    switched = dict(HYPER, switch_rate=SWITCHED_RATE)
+    found = [
+        Candidate("AdamW fused", lambda ps: torch.optim.AdamW(ps, **HYPER, fused=True)),
+        Candidate("AdamW foreach", lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=True)),
+        Candidate("DualAdam fused, blending", lambda ps: DualAdam(ps, **blending, fused=True)),
+        Candidate("DualAdam fused, after switch", lambda ps: DualAdam(ps, **switched, fused=True)),
+        Candidate("DualAdam foreach, blending", lambda ps: DualAdam(ps, **blending, foreach=True)),
+        Candidate("DualAdam foreach, after switch", lambda ps: DualAdam(ps, **switched, foreach=True)),
+        Candidate("DualAdam foreach, blending, inv_scale=adam_rms",
+                  lambda ps: DualAdam(ps, **blending, foreach=True, inv_scale="adam_rms")),
+        Candidate("InvAdam fused", lambda ps: InvAdam(ps, **HYPER, fused=True)),
+    ]
+    if importlib.util.find_spec("pytorch_optimizer") is not None:
+        found.append(Candidate("kozistr DualAdam foreach, blending", _kozistr_dualadam))
+    return found
+
+
+def transformer_shapes(num_params: int, vocab_size: int = 32_000) -> list[tuple[int, ...]]:
+    """Shapes of a GPT-like model of about ``num_params`` parameters.
+
+    Width d follows the usual aspect ratio (layers ~ d / 64, so num_params ~ 12 d^3 / 64), rounded
+    to a multiple of 16 and small enough for a layer (12 d^2) to fill at most half the model; the
+    vocabulary shrinks for tiny sizes so the embedding stays under half.
+    """
+    width = round((64 * num_params / 12) ** (1 / 3) / 16) * 16
+    width = max(16, min(width, int((num_params / 24) ** 0.5) // 16 * 16))
+    vocab = max(16, min(vocab_size, num_params // (2 * width)))
+    per_layer = 12 * width * width + 2 * width
+    layers = max(1, round((num_params - vocab * width - width) / per_layer))
+    shapes: list[tuple[int, ...]] = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width, width), (width, width), (width, width), (width, width)]
+        shapes += [(width,), (4 * width, width), (width, 4 * width)]
+    shapes.append((width,))
+    return shapes
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compiled_graphs() -> int:
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def run_benchmark(
+    num_params: int = 30_000_000,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    rounds: int = 7,
+    steps: int = 5,
+    names: list[str] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Time one optimizer step of every candidate (or of those in ``names``).
+
+    Returns a dict with ``device``, ``device_name``, ``dtype``, ``num_params``, ``num_tensors``,
+    ``threads``, ``torch``, ``rounds``, ``steps_per_round`` and ``results``: one dict per optimizer,
+    in candidate order, with ``name``, ``ms_per_step`` (median over rounds), ``gb_per_s`` (effective,
+    7 element sizes per parameter), ``vs_adamw_fused`` and ``vs_adamw_foreach`` (ratios of
+    ms_per_step, None when that AdamW was not run), ``first_step_s`` (state creation, plus the
+    compile for fused backends) and ``compiles`` (graphs torch.compile built in that first step).
+    """
+    device = torch.device(device)
+    chosen = [c for c in candidates() if names is None or c.name in names]
+    if names is not None and len(chosen) != len(set(names)):
+        known = ", ".join(c.name for c in candidates())
+        missing = sorted(set(names) - {c.name for c in chosen})
+        raise ValueError(f"unknown or unavailable optimizers {missing}; known here: {known}")
+    shapes = transformer_shapes(num_params)
+    generator = torch.Generator().manual_seed(seed)
+    initial = [torch.randn(shape, generator=generator) * 0.02 for shape in shapes]
+    gradients = [torch.randn(shape, generator=generator) * 1e-2 for shape in shapes]
+
+    optimizers = {}
+    first_step_s = {}
+    compiles = {}
+    for candidate in chosen:
+        params = [torch.nn.Parameter(t.to(device, dtype)) for t in initial]
+        for p, g in zip(params, gradients):
+            p.grad = g.to(device, dtype)
+        optimizer = candidate.make(params)
+        graphs = _compiled_graphs()
+        _synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        _synchronize(device)
+        first_step_s[candidate.name] = time.perf_counter() - start
+        compiles[candidate.name] = _compiled_graphs() - graphs
+        optimizers[candidate.name] = optimizer
+
+    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+    order = list(optimizers)
+    for round_index in range(rounds):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            optimizer = optimizers[name]
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            _synchronize(device)
+            samples[name].append((time.perf_counter() - start) / steps)
+
+    numel = sum(t.numel() for t in initial)
+    bytes_per_step = ACCESSES_PER_PARAM * torch.empty((), dtype=dtype).element_size() * numel
+    median_s = {name: statistics.median(times) for name, times in samples.items()}
+
+    def ratio(name: str, baseline: str) -> float | None:
+        return median_s[name] / median_s[baseline] if baseline in median_s else None
+
+    results = [
+        dict(
+            name=name,
+            ms_per_step=1e3 * median_s[name],
+            gb_per_s=bytes_per_step / median_s[name] / 1e9,
+            vs_adamw_fused=ratio(name, "AdamW fused"),
+            vs_adamw_foreach=ratio(name, "AdamW foreach"),
+            first_step_s=first_step_s[name],
+            compiles=compiles[name],
+        )
+        for name in optimizers
+    ]
+    return dict(
+        device=str(device),
+        device_name=device_name(device),
+        dtype=str(dtype).removeprefix("torch."),
+        num_params=numel,
+        num_tensors=len(shapes),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        rounds=rounds,
+        steps_per_round=steps,
+        results=results,
+    )
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain-text table, with the setup on the first line."""
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    setup = (
+        f"{report['num_params'] / 1e6:.1f}M params in {report['num_tensors']} tensors, {report['dtype']}, "
+        f"{report['device']} ({report['device_name']}), {report['threads']} threads, torch {report['torch']}, "
+        f"median of {report['rounds']} rounds x {report['steps_per_round']} steps"
+    )
+    width = max([len("optimizer")] + [len(row["name"]) for row in report["results"]])
+    header = (
+        f"{'optimizer':<{width}} {'ms/step':>9} {'GB/s':>7} {'/AdamW fused':>13} {'/AdamW foreach':>15} "
+        f"{'first step s':>13} {'compiles':>9}"
+    )
+    lines = [setup, header]
+    for row in report["results"]:
+        lines.append(
+            f"{row['name']:<{width}} {row['ms_per_step']:>9.2f} {row['gb_per_s']:>7.2f} "
+            f"{number(row['vs_adamw_fused'], '.3f'):>13} {number(row['vs_adamw_foreach'], '.3f'):>15} "
+            f"{row['first_step_s']:>13.2f} {row['compiles']:>9}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""What the training scripts share: the --dry_run flag and one ``main`` shape.
+
+``script_main`` parses a recipe (which settles ``optim_args``), prints the resolved configuration, and either
+stops there (--dry_run) or runs. Every user mistake ends in one line on stderr and a non-zero exit:
+2 for the recipe, the command line or the launch configuration, 1 for data or models that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dualadam_hf.hf.trainer import LaunchConfigError
+from dualadam_hf.models.loading import ModelLoadError
+from dualadam_hf.train.recipe import parse_for_this_machine
+from dualadam_hf.train.records import write_run_record
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the one-line message names the culprit."""
+
+
+@dataclass
+class RunArguments:
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Check the recipe, print the resolved configuration and exit: no weights, no data."},
+    )
+
+
+def script_main(
+    argument_types: Sequence[type],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    describe: Callable[..., str],
+    run: Callable[..., Any],
+) -> int:
+    """``describe`` and ``run`` take the parsed dataclasses in order, without RunArguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed, note = parse_for_this_machine(argument_types, argv, prog=prog, description=description)
+        run_args = next(args for args in parsed if isinstance(args, RunArguments))
+        settings = [args for args in parsed if not isinstance(args, RunArguments)]
+        if settings[-1].optim_args_note:  # DualAdamTrainingArguments settled optim_args when it was built
+            note += f"\nnote:            {settings[-1].optim_args_note}"
+        summary = describe(*settings) + note
+    except ValueError as error:  # RecipeError included: one line, naming the culprit
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if run_args.dry_run:
+        print(summary)
+        return 0
+    if settings[-1].process_index == 0:
+        print(summary, flush=True)
+    finished = False
+    try:
+        run(*settings)
+        finished = True
+    except (DataError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except LaunchConfigError as error:  # the launcher's config, read once the Trainer exists
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        release_process_group(wait_for_the_others=finished)
+    return 0
+
+
+def release_process_group(*, wait_for_the_others: bool) -> None:
+    """Destroy the default process group, if there is one, while the interpreter is still whole.
+
+    A process that leaves while another still exchanges data with it, or that leaves its group to
+    interpreter shutdown, can die with SIGABRT ("terminate called without an active exception") from
+    gloo's threads after a finished run, now and then (pytorch/pytorch#190489). After a finished run every
+    process waits at a barrier first; after a failure it does not, since the others may never get there.
+    (A process that fails after the last collective of a run leaves the others at the barrier until the
+    launcher stops them or ``ddp_timeout`` passes.)
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait_for_the_others:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train_and_save(
+    trainer: Any,
+    training_args: Any,
+    *,
+    evaluations: Sequence[tuple[str, Any]],
+    run_kind: str,
+    run_details: dict[str, Any],
+    extra_train_metrics: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Train (resuming if asked), save the model and trainer_state.json, evaluate on each
+    (metric prefix, dataset or None for the validation set), save every metrics file and run_config.json."""
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(result.metrics, **(extra_train_metrics or {}))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    for prefix, dataset in evaluations:
+        split_metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+    trainer.save_state()  # again, so trainer_state.json holds the final evaluations too
+    if trainer.is_world_process_zero():
+        write_run_record(training_args, run_kind, **run_details)
+    return metrics
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type`` for numbers of ``kind`` no smaller than ``minimum``; argparse names the flag."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse

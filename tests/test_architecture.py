@@ -1,0 +1,150 @@
+"""The package's layers, as docs/architecture.md draws them, checked on the source: no import cycles (at
+module level or inside functions), each layer importing only what it may, and no plotting code in a
+training process."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dualadam_hf"
+
+# layer -> the package layers it may import (itself included); the root package and the old-path shim
+# are the public face and may import the layers they re-export
+MAY_IMPORT = {
+    "optim": {"optim"},
+    "models": {"models"},
+    "hf": {"hf", "optim"},
+    "train": {"train", "hf", "models", "optim"},
+    "analysis": {"analysis", "train", "hf", "models", "optim"},
+}
+# third-party packages each layer may not import, at any depth
+FORBIDDEN_EXTERNAL = {
+    "optim": {"transformers", "accelerate", "datasets", "peft", "deepspeed", "matplotlib", "tokenizers"},
+    "models": {"matplotlib", "datasets"},
+    "hf": {"matplotlib", "datasets"},
+    "train": {"matplotlib"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str) -> set[str]:
+    """Every module this one imports, anywhere in it (function bodies included), relative imports resolved.
+
+    As for Python's own imports, a parent package's ``__init__`` that runs on the way to a submodule is
+    not counted; ``from package import submodule`` imports the submodule only."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & set(MODULES)
+            found |= submodules
+            if len(submodules) < len(node.names):  # names defined in the module itself, not only its submodules
+                found.add(base)
+    return found
+
+
+GRAPH = {name: {target for target in imports_of(name) if target in MODULES} for name in MODULES}
+
+
+def layer(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and name in MODULES and MODULES[name].name == "__init__.py") else None
+
+
+def test_the_graph_sees_the_imports_inside_functions():
+    # a guard on the checker itself: finetune imports the model loader inside a function
+    assert "dualadam_hf.models.loading" in GRAPH["dualadam_hf.train.finetune"]
+    assert "dualadam_hf.optim.fused" in GRAPH["dualadam_hf.optim.dualadam"]
+
+
+def test_no_import_cycles():
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = "open"
+        stack.append(name)
+        for target in sorted(GRAPH[name]):
+            if state.get(target) == "open":
+                cycle = stack[stack.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name)
+
+
+@pytest.mark.parametrize("name", sorted(name for name in MODULES if layer(name) in MAY_IMPORT))
+def test_each_layer_imports_only_the_layers_below_it(name):
+    own = layer(name)
+    for target in GRAPH[name]:
+        target_layer = layer(target)
+        if target_layer is not None:
+            assert target_layer in MAY_IMPORT[own], f"{name} ({own}) imports {target} ({target_layer})"
+    external = {target.split(".")[0] for target in imports_of(name)}
+    assert not external & FORBIDDEN_EXTERNAL.get(own, set()), f"{name} imports {external & FORBIDDEN_EXTERNAL[own]}"
+
+
+def test_the_optim_layer_runs_on_torch_alone():
+    # importing dualadam_hf.optim runs dualadam_hf/__init__ first (registration); load the layer's files alone
+    loader = (
+        "import importlib.util, sys, types\n"
+        f"root = {str(PACKAGE)!r}\n"
+        "for name, path in [('dualadam_hf', None), ('dualadam_hf.optim', root + '/optim/__init__.py')]:\n"
+        "    if path is None:\n"
+        "        module = types.ModuleType(name); module.__path__ = [root]; sys.modules[name] = module; continue\n"
+        "    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=[root + '/optim'])\n"
+        "    module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module)\n"
+        "import dualadam_hf.optim.diagnostics\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate', 'datasets', 'matplotlib'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-c", "import dualadam_hf"],
+        ["scripts/finetune.py", "recipes/tiny_alpaca.yaml", "--dry_run", "true"],
+        ["scripts/finetune.py", "recipes/pangu_alpaca.yaml", "--dry_run", "true"],
+        ["scripts/train_vision.py", "recipes/vision_digits.yaml", "--dry_run", "true"],
+    ],
+    ids=["import", "finetune dry run", "openpangu dry run", "vision dry run"],
+)
+def test_a_training_process_loads_no_plotting_code(command):
+    probe = (
+        "import atexit, sys, runpy\n"
+        "atexit.register(lambda: print('MATPLOTLIB' if 'matplotlib' in sys.modules else 'CLEAN', file=sys.stderr))\n"
+    )
+    if command[0] == "-c":
+        probe += command[1] + "\n"
+    else:
+        probe += f"sys.argv = {command!r}\nsys.path.insert(0, 'scripts')\nrunpy.run_path({command[0]!r}, run_name='__main__')\n"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.stderr.strip().splitlines()[-1] == "CLEAN", result.stderr[-2000:]
