@@ -27,8 +27,8 @@ test-fast: $(INSTALLED)
 
 # The embedded default, offline: the tiny recipe with DualAdam and with AdamW, then the comparison.
 demo: $(INSTALLED)
-	$(PYTHON) scripts/finetune.py recipes/tiny_alpaca.yaml --output_dir $(DEMO_DIR)/dualadam
-	$(PYTHON) scripts/finetune.py recipes/tiny_alpaca.yaml --optim adamw_torch --output_dir $(DEMO_DIR)/adamw
+	$(PYTHON) scripts/finetune.py recipes/tiny_alpaca.yaml --overwrite_output_dir true --output_dir $(DEMO_DIR)/dualadam
+	$(PYTHON) scripts/finetune.py recipes/tiny_alpaca.yaml --optim adamw_torch --overwrite_output_dir true --output_dir $(DEMO_DIR)/adamw
 	$(PYTHON) scripts/compare.py $(DEMO_DIR)/dualadam $(DEMO_DIR)/adamw --out $(DEMO_DIR)
 
 clean:

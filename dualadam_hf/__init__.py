@@ -6,6 +6,7 @@ with the Auto classes, which then load its published checkpoints natively, witho
 """
 
 from dualadam_hf.hf.registration import register as _register
+from dualadam_hf.hf.generation import generation_metric
 from dualadam_hf.hf.trainer import DualAdamMetricsMixin, DualAdamTrainer, DualAdamTrainingArguments
 from dualadam_hf.models.openpangu import register as _register_openpangu
 from dualadam_hf.optim import DualAdam, InvAdam
@@ -13,5 +14,7 @@ from dualadam_hf.optim import DualAdam, InvAdam
 _register()
 _register_openpangu()
 
-__all__ = ["DualAdam", "InvAdam", "DualAdamTrainer", "DualAdamTrainingArguments", "DualAdamMetricsMixin"]
+__all__ = [
+    "DualAdam", "InvAdam", "DualAdamTrainer", "DualAdamTrainingArguments", "DualAdamMetricsMixin", "generation_metric",
+]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ MAY_IMPORT = {
 FORBIDDEN_EXTERNAL = {
     "optim": {"transformers", "accelerate", "datasets", "peft", "deepspeed", "matplotlib", "tokenizers"},
     "models": {"matplotlib", "datasets"},
-    "hf": {"matplotlib", "datasets"},
+    "hf": {"matplotlib"},
     "train": {"matplotlib"},
 }
 

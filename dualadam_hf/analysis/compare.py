@@ -11,6 +11,21 @@ from typing import Any
 from dualadam_hf.analysis import plots
 from dualadam_hf.train.records import RUN_RECORD, RunRecordError, read_run_record
 
+def json_text(value: Any) -> str:
+    """Indented JSON in which a NaN or infinite number is null: JSON has no NaN, and readers choke on it."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(entry) for entry in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False) + "\n"
+
+
 class CompareError(ValueError):
     """A run directory that cannot be compared; the message names it."""
 
@@ -66,6 +81,11 @@ def summarize_run(run: Run) -> dict[str, Any]:
         summary.update(final_eval_accuracy=accuracy[-1][1], best_eval_accuracy=best)
         if not ppl:
             summary["best_step"] = best_step
+    for key in ("eval_bleu", "eval_rouge_l"):  # the greedy answers' scores, when the run generated
+        points = _unique_evals(run, key)
+        if points:
+            summary[f"final_{key}"] = points[-1][1]
+            summary[f"best_{key}"] = max(value for _, value in points)
     summary["final_gen_gap"] = gap[-1][1] if gap else None
     summary["final_train_loss"] = train[-1][1] if train else None
     for key in ("test_accuracy", "test_loss"):  # the held-out test split, measured once at the end
@@ -88,6 +108,41 @@ def summary_markdown(summaries: list[dict[str, Any]]) -> str:
     for summary in summaries:
         lines.append("| " + " | ".join(_cell(summary.get(key)) for key in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def last_generations(run_dir: Path) -> list[dict[str, Any]]:
+    """The samples of a run's last evaluation that generated (``generations/step_<N>.jsonl``, highest N)."""
+    files = sorted((run_dir / "generations").glob("step_*.jsonl"), key=lambda path: int(path.stem.split("_")[1]))
+    if not files:
+        return []
+    try:
+        return [json.loads(line) for line in files[-1].read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        raise CompareError(f"{files[-1]}: not JSON lines") from None
+
+
+def samples_markdown(runs: list[Run], run_dirs: list[Path], label: dict[str, str]) -> str:
+    """For each prompt, its reference and each run's last answer side by side ('' when no run generated)."""
+    answers: dict[str, dict[str, str]] = {}
+    references: dict[str, str] = {}
+    for run, directory in zip(runs, run_dirs):
+        for record in last_generations(directory):
+            answers.setdefault(record["prompt"], {})[label[run.name]] = record["answer"]
+            references[record["prompt"]] = record["reference"]
+    if not answers:
+        return ""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["# Generated answers, side by side", "",
+             "Each run's answers from its last evaluation that generated, to the same prompts (greedy decoding).", ""]
+    for number, (prompt, by_run) in enumerate(answers.items(), start=1):
+        lines += [f"## {number}", "", "```text", prompt.strip(), "```", "",
+                  "| | answer |", "|---|---|", f"| **reference** | {cell(references[prompt])} |"]
+        lines += [f"| {name} | {cell(by_run.get(name, '—'))} |" for name in label.values()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def compare(run_dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
@@ -114,6 +169,12 @@ def compare(run_dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     plots.plot_train_losses({label[r.name]: r.series("loss") for r in runs},
                             {label[r.name]: _unique_evals(r, "eval_train_loss") for r in runs},
                             out_dir / "train_loss.png")
-    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    if any(run.series("eval_rouge_l") for run in runs):
+        plots.plot_generation({label[r.name]: _unique_evals(r, "eval_rouge_l") for r in runs},
+                              {label[r.name]: _unique_evals(r, "eval_bleu") for r in runs}, out_dir / "generation.png")
+    samples = samples_markdown(runs, run_dirs, label)
+    if samples:
+        (out_dir / "samples.md").write_text(samples, encoding="utf-8")
+    (out_dir / "summary.json").write_text(json_text(summaries))
     (out_dir / "summary.md").write_text(summary_markdown(summaries))
     return summaries

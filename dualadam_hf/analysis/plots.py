@@ -100,3 +100,18 @@ def plot_train_losses(train: dict[str, Series], eval_train: dict[str, Series], p
             axes.plot(*zip(*eval_train[name]), color=color, linestyle="--", marker="o", markersize=3,
                       label=f"{label}: eval-mode loss on training subset" if shown else label)
     return _save(figure, axes, path)
+
+
+def plot_generation(rouge_l: dict[str, Series], bleu: dict[str, Series], path: Path) -> Path:
+    """The scores of the greedy answers at each evaluation: ROUGE-L F1 solid, BLEU-4 dashed."""
+    figure, axes = _figure("Generated answers against the references", "score (0 to 1)")
+    styles = line_styles(list(rouge_l))
+    labels = legend_labels(list(rouge_l))
+    for name in rouge_l:
+        color, label = styles[name][0], labels[name]
+        shown = label != "_nolegend_"
+        for series, style, metric in ((rouge_l[name], "-", "ROUGE-L"), (bleu.get(name), "--", "BLEU-4")):
+            if series:
+                axes.plot(*zip(*series), color=color, linestyle=style, marker="o", markersize=3,
+                          label=f"{label}: {metric}" if shown else label)
+    return _save(figure, axes, path)

@@ -8,7 +8,6 @@ where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import subprocess
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualadam_hf.analysis.compare import compare, summary_markdown
+from dualadam_hf.analysis.compare import compare, json_text, summary_markdown
 from dualadam_hf.train.records import RUN_RECORD
 
 @dataclass(frozen=True)
@@ -50,7 +49,8 @@ def run_one(script: Path, recipe: Path, variant: Variant, seed: int, out_dir: Pa
     if (directory / RUN_RECORD).is_file():
         print(f"[sweep] {variant.name} seed {seed}: done already, kept", flush=True)
         return directory
-    command = [sys.executable, str(script), str(recipe), *extra, *variant.flags,
+    # an unfinished run's folder is started again from scratch (overwrite_output_dir)
+    command = [sys.executable, str(script), str(recipe), *extra, *variant.flags, "--overwrite_output_dir", "true",
                "--seed", str(seed), "--output_dir", str(directory)]
     print(f"[sweep] {variant.name} seed {seed}: {shlex.join(command)}", flush=True)
     subprocess.run(command, check=True)
@@ -103,8 +103,8 @@ def run_sweep(
     for summary, (variant, seed, _) in zip(summaries, runs):
         summary.update(variant=variant.name, seed=seed)
     table = aggregate(summaries, [v.name for v in variants])
-    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json_text(summaries))
     (out_dir / "summary.md").write_text(summary_markdown(summaries))
-    (out_dir / "aggregate.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out_dir / "aggregate.json").write_text(json_text(table))
     (out_dir / "aggregate.md").write_text(aggregate_markdown(table))
     return {"runs": summaries, "aggregate": table}

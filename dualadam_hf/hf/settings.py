@@ -10,6 +10,7 @@ alpha reaches 0) becomes a ``switch_rate`` once the run's length is known.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,10 @@ from dualadam_hf.optim.kernels import INV_SCALES, SCHEDULES, check_hyperparamete
 
 
 def _float(value: str) -> float:
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
 
 
 def _int(value: str) -> int:
@@ -37,7 +41,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
 
 # key -> (parser, description of the expected value)
 DUALADAM_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "switch_rate": (_float, "a float >= 0"),
+    "switch_rate": (_float, "a finite float >= 0"),
     "switch_ratio": (_float, "a float in (0, 1]"),
     "schedule": (_one_of(SCHEDULES), f"one of {', '.join(SCHEDULES)}"),
     "switch_base": (_float, "a float in (0, 1]"),

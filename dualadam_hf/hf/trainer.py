@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,9 +21,13 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import speed_metrics
+from accelerate.utils import gather_object
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints, speed_metrics
 
+from dualadam_hf.hf.checkpoints import TRAINER_STATE, latest_complete, partial_dirs, publish, staging_dir
+from dualadam_hf.hf.generation import Prompt, generate, markdown_table, select_prompts, shard, write_samples
+from dualadam_hf.hf.generation import summarize as summarize_generations
 from dualadam_hf.hf.launch import check_deepspeed_precision
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
@@ -36,6 +41,10 @@ logger = logging.getLogger(__name__)
 # Default size of the training subset measured at each evaluation: the validation set's size, capped,
 # so that evaluation costs at most about twice a plain HF evaluation.
 TRAIN_EVAL_CAP = 2048
+# TrainingArguments' float fields; inf or NaN in any of them is a typo, refused at construction
+LOWER_IS_BETTER = ("loss", "ppl", "gen_gap")
+FINITE_FIELDS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                 "warmup_steps", "num_train_epochs")
 
 
 class LaunchConfigError(ValueError):
@@ -76,6 +85,13 @@ def zero3_partitions_in_groups(optimizer: Any) -> Iterator[None]:
 
 @dataclass
 class DualAdamTrainingArguments(TrainingArguments):
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a NaN/inf training loss by the running average in the logs (transformers' default is "
+            "true). Off here: a non-finite step stops the run instead, and logs never hide one."
+        },
+    )
     train_eval_samples: int | None = field(
         default=None,
         metadata={
@@ -85,8 +101,64 @@ class DualAdamTrainingArguments(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a run replace the run already in output_dir (its checkpoints and result files are removed "
+            "first). Without it, the scripts refuse an output_dir that holds a finished run or checkpoints, unless "
+            "they resume from it."
+        },
+    )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from_checkpoint: take the checkpoint's weights and trainer state but a fresh optimizer "
+            "and learning-rate schedule (alpha restarts at 1). Without it a checkpoint lacking optimizer state is refused."
+        },
+    )
+
+    generation_eval_samples: int = field(
+        default=0,
+        metadata={
+            "help": "At every evaluation, greedy answers to this many fixed held-out prompts (chosen once with `seed`): "
+            "eval_bleu, eval_rouge_l, eval_gen_len, eval_gen_eos_rate, and output_dir/generations/step_N.jsonl. "
+            "0 turns it off."
+        },
+    )
+    generation_max_new_tokens: int = field(
+        default=128, metadata={"help": "Length cap of each generated answer, in tokens (an answer stops at eos first)."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improving metric_for_best_model (default eval_ppl, "
+            "lower is better). None: off."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "How much metric_for_best_model must improve to count as an improvement."}
+    )
+
     def __post_init__(self) -> None:
+        if (self.load_best_model_at_end or self.early_stopping_patience) and self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval_ppl"
+        if self.greater_is_better is None and str(self.metric_for_best_model).endswith(LOWER_IS_BETTER):
+            self.greater_is_better = False  # transformers would take any name but *loss for higher-is-better
         super().__post_init__()
+        if self.generation_eval_samples < 0 or self.generation_max_new_tokens < 1:
+            raise ValueError(
+                f"generation_eval_samples must be >= 0 and generation_max_new_tokens >= 1, got "
+                f"{self.generation_eval_samples} and {self.generation_max_new_tokens}"
+            )
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ValueError(f"early_stopping_patience must be >= 1 or None, got {self.early_stopping_patience}")
+            if self.eval_strategy.value == "no":
+                raise ValueError("early_stopping_patience needs evaluations: set eval_strategy to steps or epoch")
+        for name in FINITE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.train_eval_samples is not None and self.train_eval_samples < 0:
             raise ValueError(f"train_eval_samples must be >= 0, got {self.train_eval_samples}")
         if isinstance(self.lr_scheduler_kwargs, str):  # TrainingArguments keeps a string that is not JSON
@@ -99,6 +171,10 @@ class DualAdamTrainingArguments(TrainingArguments):
         self.optim_settings, self.optim_args_note = settle(self)
 
 
+class NonFiniteError(RuntimeError):
+    """A training step whose loss or gradient norm is NaN or infinite; the run stops before that step."""
+
+
 class DualAdamMetricsMixin:
     """What DualAdamTrainer adds to a Trainer, for any ``transformers.Trainer`` subclass (put it first):
     ``class MySFT(DualAdamMetricsMixin, trl.SFTTrainer)``.
@@ -108,7 +184,14 @@ class DualAdamMetricsMixin:
     ``dualadam_inv_share`` with the training loss, and evaluates to ``eval_loss``, ``eval_ppl``,
     ``eval_train_loss`` and ``eval_gen_gap``. It computes these measures from the model's logits, so
     ``compute_metrics`` and ``preprocess_logits_for_metrics`` are not supported.
+
+    And it keeps runs whole: the first step whose loss or gradient norm is not finite raises
+    ``NonFiniteError`` before the optimizer applies it (one scalar read per optimizer step), and each
+    checkpoint appears by one rename once every process has written it (``dualadam_hf.hf.checkpoints``).
     """
+
+    _step_loss: torch.Tensor | None = None
+    _checkpoint_staging: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("compute_metrics") is not None or kwargs.get("preprocess_logits_for_metrics") is not None:
@@ -124,6 +207,76 @@ class DualAdamMetricsMixin:
             self._refuse_replaced_optimizer()
         self._train_eval_subset: Dataset | None = None
         self._eval_task: str | None = None
+        self._generation_prompts: list[Prompt] | None = None
+        if getattr(self.args, "generation_eval_samples", 0) and self.processing_class is None:
+            raise ValueError("generation_eval_samples needs the tokenizer: pass processing_class=tokenizer")
+        patience = getattr(self.args, "early_stopping_patience", None)
+        if patience is not None:
+            self.add_callback(EarlyStoppingCallback(patience, getattr(self.args, "early_stopping_threshold", 0.0)))
+
+    # ---- whole runs: non-finite steps, atomic checkpoints ----
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        step_loss = loss.detach().float().sum()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        # called once per optimizer step, after the backward passes and before optimizer.step()
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss, self._step_loss = self._step_loss, None
+        if loss is not None:
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=loss.device)
+            if not bool(torch.isfinite(torch.stack([loss, norm])).all()):
+                self._stop_on_non_finite(loss.item(), norm.item())
+        return grad_norm
+
+    def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
+        step = self.state.global_step + 1
+        which = "the training loss" if not math.isfinite(loss) else "the gradient norm"
+        value = loss if not math.isfinite(loss) else grad_norm
+        last, _ = latest_complete(self.args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved before it"
+        raise NonFiniteError(
+            f"step {step}: {which} is {value} (loss {loss:.6g}, gradient norm {grad_norm:.6g}); stopped before the "
+            f"optimizer applied it, no final model saved; {kept}"
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and getattr(self.args, "resume_weights_only", False):
+            logger.warning("resume_weights_only: %s's weights and trainer state, a fresh optimizer and learning-rate "
+                           "schedule (alpha restarts at 1)", checkpoint)
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into a hidden staging folder and renamed into place."""
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
+        staging = staging_dir(run_dir, step)
+        if self.args.should_save:
+            for stale in partial_dirs(run_dir):  # left by a crash, this run's or an earlier one's
+                logger.warning("removing %s, a checkpoint a crashed save left unfinished", stale)
+                shutil.rmtree(stale)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            final = publish(run_dir, step)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(str(staging)):
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(final / TRAINER_STATE))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     # ---- optimizer ----
 
@@ -285,6 +438,55 @@ class DualAdamMetricsMixin:
             metrics.update(self._evaluate_one(dataset, prefix, metric_key_prefix, train_loss, report_train_loss))
         return metrics
 
+    # ---- generation ----
+
+    def _generation_metrics(self, dataset: Dataset, prefix: str) -> dict[str, float]:
+        """Greedy answers to the fixed prompts, gathered from every process; their scores, and the samples
+        written (main process) and shown to the reporters that take text."""
+        count = getattr(self.args, "generation_eval_samples", 0)
+        if not count:
+            return {}
+        if self._generation_prompts is None:
+            self._generation_prompts = select_prompts(dataset, count, self.args.seed)
+        prompts = self._generation_prompts
+        mine = shard(prompts, self.args.process_index, self.args.world_size)
+        # a process with fewer prompts repeats its first one, so every process runs as many forwards
+        padded = [prompt if prompt is not None else prompts[0] for prompt in mine]
+        synced = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            answers = generate(model, self.processing_class, padded, max_new_tokens=self.args.generation_max_new_tokens,
+                               batch_size=self.args.per_device_eval_batch_size, synced_gpus=synced)
+        finally:
+            model.train(was_training)
+        tokenizer = self.processing_class
+        local = [
+            dict(index=prompt.index, prompt=tokenizer.decode(prompt.prompt_ids),
+                 reference=tokenizer.decode(prompt.reference_ids, skip_special_tokens=True),
+                 answer=tokenizer.decode(ids, skip_special_tokens=True), generated_tokens=len(ids), ended_with_eos=ended)
+            for prompt, (ids, ended) in zip(mine, answers) if prompt is not None
+        ]
+        records = sorted(gather_object(local) if self.args.world_size > 1 else local, key=lambda r: r["index"])
+        metrics = summarize_generations(records, prefix)
+        if self.args.should_save:
+            write_samples(records, self.args.output_dir, self.state.global_step)
+            self._show_samples(records, prefix)
+        return metrics
+
+    def _show_samples(self, records: list[dict[str, Any]], prefix: str) -> None:
+        """A text entry for TensorBoard, a table for W&B; the other reporters take none."""
+        for callback in self.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_text(f"{prefix}/generations", markdown_table(records), self.state.global_step)
+            run = getattr(getattr(callback, "_wandb", None), "run", None)
+            if run is not None:
+                table = callback._wandb.Table(columns=["prompt", "reference", "answer"],
+                                              data=[[r["prompt"], r["reference"], r["answer"]] for r in records])
+                run.log({f"{prefix}/generations": table}, commit=False)
+
     def _evaluate_one(
         self,
         dataset: Dataset,
@@ -305,6 +507,8 @@ class DualAdamMetricsMixin:
             metrics[f"{metric_key_prefix}_train_loss"] = report_train_loss
         if train_loss is not None:
             metrics[f"{prefix}_gen_gap"] = summary["loss"] - train_loss
+        if prefix == metric_key_prefix == "eval" and self._eval_task == "causal_lm":
+            metrics.update(self._generation_metrics(dataset, prefix))
         total_batch_size = self.args.eval_batch_size * self.args.world_size
         metrics.update(
             speed_metrics(

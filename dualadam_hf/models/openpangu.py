@@ -129,6 +129,27 @@ class PanguTokenizer(TokenizersBackend):
                 )
         return super().convert_to_native_format(trust_remote_code=trust_remote_code, **kwargs)
 
+    def _decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        # Like the encoding, decode each stretch between added tokens on its own, so that the dummy-prefix
+        # space of the piece after "[unused9]" is dropped as at the start of a text ("[unused9]助手：", not
+        # "[unused9] 助手："); the added tokens are written as they are, with no spaces around them.
+        if skip_special_tokens:
+            return super()._decode(token_ids, skip_special_tokens=True, **kwargs)
+        added = {index: token.content for index, token in self.added_tokens_decoder.items()}
+        pieces: list[str] = []
+        stretch: list[int] = []
+        for index in [token_ids] if isinstance(token_ids, int) else token_ids:
+            if index in added:
+                if stretch:
+                    pieces.append(super()._decode(stretch, **kwargs))
+                    stretch = []
+                pieces.append(added[index])
+            else:
+                stretch.append(index)
+        if stretch:
+            pieces.append(super()._decode(stretch, **kwargs))
+        return "".join(pieces)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A saved copy is a plain tokenizers backend: tokenizer.json plus a config without the remote map,
         # so it loads anywhere (vLLM, transformers without this package) and never needs sentencepiece.

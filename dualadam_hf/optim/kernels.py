@@ -7,6 +7,7 @@ import it, and it imports neither.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,22 +58,22 @@ def schedule_alpha(group: dict[str, Any], step: int, custom: Callable[[int], flo
 def check_hyperparameters(
     lr: float, betas: tuple[float, float], eps: float, weight_decay: float, name: str
 ) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"{name}: lr must be finite and >= 0, got {lr}")
     if len(betas) != 2:
         raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
     for index, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"{name}: betas[{index}] must be in [0, 1), got {beta}")
-    if not eps >= 0.0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"{name}: eps must be finite and >= 0, got {eps}")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"{name}: weight_decay must be finite and >= 0, got {weight_decay}")
 
 
 def check_schedule(schedule: Any, switch_rate: float, switch_base: Any, switch_step: Any) -> None:
-    if not switch_rate >= 0.0:
-        raise ValueError(f"DualAdam: switch_rate must be >= 0, got {switch_rate}")
+    if not 0.0 <= switch_rate < math.inf:
+        raise ValueError(f"DualAdam: switch_rate must be finite and >= 0, got {switch_rate}")
     if callable(schedule):
         return
     if schedule not in SCHEDULES:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualadam_hf.hf.trainer import LaunchConfigError
+from dualadam_hf.hf.trainer import LaunchConfigError, NonFiniteError
 from dualadam_hf.models.loading import ModelLoadError
+from dualadam_hf.train.preflight import check_run_directories, clear_previous_run
 from dualadam_hf.train.recipe import parse_for_this_machine
 from dualadam_hf.train.records import write_run_record
 
@@ -46,8 +47,11 @@ def script_main(
         parsed, note = parse_for_this_machine(argument_types, argv, prog=prog, description=description)
         run_args = next(args for args in parsed if isinstance(args, RunArguments))
         settings = [args for args in parsed if not isinstance(args, RunArguments)]
-        if settings[-1].optim_args_note:  # DualAdamTrainingArguments settled optim_args when it was built
-            note += f"\nnote:            {settings[-1].optim_args_note}"
+        training_args = settings[-1]
+        if training_args.optim_args_note:  # DualAdamTrainingArguments settled optim_args when it was built
+            note += f"\nnote:            {training_args.optim_args_note}"
+        for line in check_run_directories(training_args).splitlines():
+            note += f"\nnote:            {line}"
         summary = describe(*settings) + note
     except ValueError as error:  # RecipeError included: one line, naming the culprit
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
@@ -55,13 +59,14 @@ def script_main(
     if run_args.dry_run:
         print(summary)
         return 0
-    if settings[-1].process_index == 0:
+    if training_args.process_index == 0:
         print(summary, flush=True)
+        clear_previous_run(training_args)
     finished = False
     try:
         run(*settings)
         finished = True
-    except (DataError, ModelLoadError) as error:
+    except (DataError, ModelLoadError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except LaunchConfigError as error:  # the launcher's config, read once the Trainer exists

@@ -59,10 +59,20 @@ def run_lines(args: Any, unit: str) -> list[str]:
     run_length = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     precision = "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"
     evaluation = args.eval_strategy.value + (f" every {args.eval_steps} steps" if args.eval_strategy.value == "steps" else "")
+    samples = getattr(args, "generation_eval_samples", 0)
+    generation = (f"{samples} greedy answers per evaluation, at most {args.generation_max_new_tokens} new tokens "
+                  "(eval_bleu, eval_rouge_l; output_dir/generations/)" if samples else "off")
+    best = ""
+    if getattr(args, "early_stopping_patience", None):
+        best = (f"; early stopping after {args.early_stopping_patience} evaluations without a better "
+                f"{args.metric_for_best_model}")
+    if args.load_best_model_at_end:
+        best += f"; the best checkpoint by {args.metric_for_best_model} is loaded at the end"
     return [
         f"batch:           {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
         f"accumulation x {args.world_size} processes = {effective} {unit} per optimizer step; {run_length}",
         f"precision:       {precision}",
-        f"evaluation:      {evaluation}",
+        f"evaluation:      {evaluation}{best}",
+        f"generation:      {generation}",
         f"output_dir:      {args.output_dir}",
     ]

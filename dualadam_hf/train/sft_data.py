@@ -78,6 +78,23 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 or None, got {value}")
+        _check_local_dataset(self.dataset_name)
+
+
+def _check_local_dataset(name: str) -> None:
+    """Refuse, before anything loads, a dataset_name that is plainly a local path but names nothing usable.
+
+    A hub id is ``org/name``; a name that starts like a path (``/``, ``./``, ``../``, ``~``), has more than one
+    ``/``, or ends in a data file's suffix is a local path.
+    """
+    if name.startswith("builtin:"):
+        return
+    path = Path(name).expanduser()
+    local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or path.suffix.lower() in _BUILDER_BY_SUFFIX
+    if local and not path.exists():
+        raise ValueError(f"dataset_name {name}: no such file or folder")
+    if path.is_dir() and not any(path.iterdir()):
+        raise ValueError(f"dataset_name {name}: an empty folder")
 
 
 def format_alpaca_prompt(instruction: str, input_text: str) -> str:

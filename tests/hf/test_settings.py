@@ -38,7 +38,8 @@ def test_unknown_key_is_named_with_the_valid_ones():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("switch_rate=fast", r"switch_rate='fast' is not a float >= 0"),
+        ("switch_rate=fast", r"switch_rate='fast' is not a finite float >= 0"),
+        ("switch_rate=inf", r"switch_rate='inf' is not a finite float >= 0"),
         ("switch_step=1.5", r"switch_step='1.5' is not an integer >= 0"),
         ("schedule=cosine", r"schedule='cosine' is not one of linear, exponential, step"),
         ("inv_scale=rms", r"inv_scale='rms' is not one of none, adam_rms"),

@@ -287,3 +287,10 @@ def test_the_fixture_script_writes_a_checkpoint_and_refuses_to_overwrite_one(tmp
     again = make()
     assert again.returncode == 2 and again.stderr == f"error: {tmp_path / 'pangu'}: exists and is not an empty folder\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pangu"]  # no staging folder left behind
+
+
+def test_decoding_gives_the_text_back_with_the_added_tokens_in_place(tiny_openpangu):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_openpangu)
+    for key in ("special", "special inside words", "chinese", "english", "mixed", "byte fallback", "spaces"):
+        text = TEXTS[key]
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == "<s>" + text, key

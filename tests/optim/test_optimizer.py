@@ -323,12 +323,15 @@ def test_sparse_gradient_is_refused():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(lr=-1e-3), "lr must be >= 0"),
+        (dict(lr=-1e-3), "lr must be finite and >= 0"),
         (dict(betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
         (dict(betas=(0.9, -0.1)), r"betas\[1\] must be in \[0, 1\)"),
-        (dict(eps=-1e-8), "eps must be >= 0"),
-        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
-        (dict(switch_rate=-1e-4), "switch_rate must be >= 0"),
+        (dict(eps=-1e-8), "eps must be finite and >= 0"),
+        (dict(weight_decay=-0.1), "weight_decay must be finite and >= 0"),
+        (dict(switch_rate=-1e-4), "switch_rate must be finite and >= 0"),
+        (dict(switch_rate=float("inf")), "switch_rate must be finite and >= 0, got inf"),
+        (dict(lr=float("nan")), "lr must be finite and >= 0, got nan"),
+        (dict(eps=float("inf")), "eps must be finite and >= 0, got inf"),
         (dict(schedule="cosine"), "unknown schedule 'cosine'; valid: linear, exponential, step"),
         (dict(schedule="exponential"), "needs 0 < switch_base <= 1, got None"),
         (dict(schedule="exponential", switch_base=1.5), "needs 0 < switch_base <= 1, got 1.5"),
@@ -348,7 +351,7 @@ def test_bad_arguments_are_refused_by_name(kwargs, message):
 
 def test_bad_param_group_is_refused_by_name():
     params = make_params()
-    with pytest.raises(ValueError, match="lr must be >= 0"):
+    with pytest.raises(ValueError, match="lr must be finite and >= 0"):
         DualAdam([dict(params=params[:1]), dict(params=params[1:], lr=-1.0)])
 
 

@@ -21,11 +21,11 @@ DIGITS = "recipes/vision_digits.yaml"
     [
         (["--optim_args", "schedule=exponential"], "schedule='exponential' needs 0 < switch_base <= 1, got None"),
         (["--optim_args", "schedule=exponential,switch_base=2"], "needs 0 < switch_base <= 1, got 2.0"),
-        (["--optim_args", "switch_rate=-1"], "switch_rate must be >= 0, got -1.0"),
+        (["--optim_args", "switch_rate=-1"], "switch_rate must be finite and >= 0, got -1.0"),
         (["--optim_args", "switch_step=3"], "switch_step applies to schedule=step only (schedule is linear)"),
         (["--optim_args", "switch_ratio=0.3,schedule=step,switch_step=3"], "switch_ratio applies to schedule=linear only"),
         (["--adam_beta1", "1.5"], "betas[0] must be in [0, 1), got 1.5"),
-        (["--learning_rate", "-1"], "lr must be >= 0, got -1.0"),
+        (["--learning_rate", "-1"], "lr must be finite and >= 0, got -1.0"),
         (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
         (["--lr_scheduler_kwargs", "notjson"], "lr_scheduler_kwargs must be a JSON object, got 'notjson'"),
     ],

@@ -25,7 +25,7 @@ CPU_SIZED = [
     "--bf16", "false", "--use_cpu", "true", "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "1",
     "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "8",
     "--validation_fraction", "0.2", "--train_eval_samples", "8", "--max_seq_length", "256", "--save_strategy", "no",
-    "--report_to", "none", "--disable_tqdm", "true",
+    "--report_to", "none", "--disable_tqdm", "true", "--generation_eval_samples", "4", "--generation_max_new_tokens", "8",
 ]
 
 
@@ -73,6 +73,9 @@ def test_the_recipe_trains_the_published_format_under_accelerate_launch(
     evaluations = [entry for entry in history if "eval_ppl" in entry]
     assert [entry["step"] for entry in evaluations][:2] == [2, 4]
     assert all("dualadam_alpha" in entry for entry in history if "loss" in entry) == (optimizer == "DualAdam")
+    # the answers to the chat-formatted prompts: each prompt ends with the assistant's opening
+    samples = [json.loads(line) for line in (tmp_path / "run" / "generations" / "step_4.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(sample["prompt"].endswith("[unused9]助手：") for sample in samples)
     saved = json.loads((tmp_path / "run" / "config.json").read_text()) if not flags else None
     if saved is not None:  # a full fine-tune saves the model in the published config's terms
         assert saved["model_type"] == "PanguEmbedded" and saved["bias"] is True

@@ -169,10 +169,13 @@ def test_malformed_json_is_refused_by_name(tmp_path):
         load_records(DataArguments(dataset_name=str(path)))
 
 
-def test_missing_file_is_named(tmp_path):
-    path = tmp_path / "nowhere.jsonl"
-    with pytest.raises(DataError, match=f"not found: {path}"):
-        load_records(DataArguments(dataset_name=str(path)))
+@pytest.mark.parametrize("name", ["nowhere.jsonl", "nowhere", "empty"])
+def test_a_local_dataset_that_names_nothing_is_refused_before_loading(tmp_path, name):
+    (tmp_path / "empty").mkdir()
+    path = tmp_path / name
+    expected = "an empty folder" if name == "empty" else "no such file or folder"
+    with pytest.raises(ValueError, match=f"dataset_name {path}: {expected}"):
+        DataArguments(dataset_name=str(path))
 
 
 def test_unsupported_file_type_is_refused(tmp_path):
