@@ -85,33 +85,34 @@ def plot_metric(runs: dict[str, Series], path: Path, title: str, ylabel: str, lo
     return _save(figure, axes, path)
 
 
+def _two_lines_per_run(axes, series: list[tuple[dict[str, Series], str, dict]]) -> None:
+    """Per run, one line for each (series by run, what it is, line style) in one colour, labelled "run: what"."""
+    runs = list(series[0][0])
+    styles = line_styles(runs)
+    labels = legend_labels(runs)
+    for name in runs:
+        color, label = styles[name][0], labels[name]
+        shown = label != "_nolegend_"
+        for by_run, what, style in series:
+            if by_run.get(name):
+                axes.plot(*zip(*by_run[name]), color=color, label=f"{label}: {what}" if shown else label, **style)
+
+
 def plot_train_losses(train: dict[str, Series], eval_train: dict[str, Series], path: Path) -> Path:
     """The logged (running, train-mode) training loss and the eval-mode loss on the fixed training subset."""
     figure, axes = _figure("Training loss", "loss (nats per token)")
-    styles = line_styles(list(train))
-    labels = legend_labels(list(train))
-    for name in train:
-        color, label = styles[name][0], labels[name]
-        shown = label != "_nolegend_"
-        if train[name]:
-            axes.plot(*zip(*train[name]), color=color, alpha=0.6,
-                      label=f"{label}: logged train loss" if shown else label)
-        if eval_train.get(name):
-            axes.plot(*zip(*eval_train[name]), color=color, linestyle="--", marker="o", markersize=3,
-                      label=f"{label}: eval-mode loss on training subset" if shown else label)
+    _two_lines_per_run(axes, [
+        (train, "logged train loss", dict(alpha=0.6)),
+        (eval_train, "eval-mode loss on training subset", dict(linestyle="--", marker="o", markersize=3)),
+    ])
     return _save(figure, axes, path)
 
 
 def plot_generation(rouge_l: dict[str, Series], bleu: dict[str, Series], path: Path) -> Path:
     """The scores of the greedy answers at each evaluation: ROUGE-L F1 solid, BLEU-4 dashed."""
     figure, axes = _figure("Generated answers against the references", "score (0 to 1)")
-    styles = line_styles(list(rouge_l))
-    labels = legend_labels(list(rouge_l))
-    for name in rouge_l:
-        color, label = styles[name][0], labels[name]
-        shown = label != "_nolegend_"
-        for series, style, metric in ((rouge_l[name], "-", "ROUGE-L"), (bleu.get(name), "--", "BLEU-4")):
-            if series:
-                axes.plot(*zip(*series), color=color, linestyle=style, marker="o", markersize=3,
-                          label=f"{label}: {metric}" if shown else label)
+    _two_lines_per_run(axes, [
+        (rouge_l, "ROUGE-L", dict(marker="o", markersize=3)),
+        (bleu, "BLEU-4", dict(linestyle="--", marker="o", markersize=3)),
+    ])
     return _save(figure, axes, path)

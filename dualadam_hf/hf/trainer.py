@@ -140,6 +140,13 @@ class DualAdamTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        save, evaluation = (str(getattr(value, "value", value)) for value in (self.save_strategy, self.eval_strategy))
+        if self.load_best_model_at_end and save not in (evaluation, "best"):
+            # transformers says so too, over two lines; one, naming both settings
+            raise ValueError(
+                f"load_best_model_at_end needs checkpoints where it evaluates: save_strategy is {save}, eval_strategy "
+                f"{evaluation}; make them equal (and save_steps a multiple of eval_steps) or set save_strategy: best"
+            )
         if (self.load_best_model_at_end or self.early_stopping_patience) and self.metric_for_best_model is None:
             self.metric_for_best_model = "eval_ppl"
         if self.greater_is_better is None and str(self.metric_for_best_model).endswith(LOWER_IS_BETTER):

@@ -141,6 +141,11 @@ def test_early_stopping_without_evaluations_is_one_line(tmp_path, capsys):
     assert main([TINY, "--dry_run", "true", "--eval_strategy", "no", "--early_stopping_patience", "2"]) == 2
     err = capsys.readouterr().err
     assert err == "error: early_stopping_patience needs evaluations: set eval_strategy to steps or epoch\n"
+    assert main([TINY, "--dry_run", "true", "--load_best_model_at_end", "true", "--save_strategy", "no"]) == 2
+    assert capsys.readouterr().err == (
+        "error: load_best_model_at_end needs checkpoints where it evaluates: save_strategy is no, eval_strategy steps; "
+        "make them equal (and save_steps a multiple of eval_steps) or set save_strategy: best\n"
+    )
 
 
 def test_the_dry_run_prints_the_generation_settings(capsys):
@@ -175,15 +180,16 @@ def test_compare_pairs_the_runs_answers_by_prompt_and_summarizes_the_scores(tmp_
 # ---- two processes ----
 
 def launch_two(config: str, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    wrapper = ["tests/fsdp_on_cpu.py"] if config.endswith("fsdp.yaml") else []  # FSDP on CPU processes
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", "0", "scripts/finetune.py", TINY, *GENERATE,
+               "--mixed_precision", "no", "--main_process_port", "0", *wrapper, "scripts/finetune.py", TINY, *GENERATE,
                "--eval_on_start", "true", "--per_device_train_batch_size", "4", "--output_dir", str(output_dir), *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero3", "fsdp"])
 def test_two_processes_answer_as_one_process_does(tmp_path, engine):
     # at step 0 every run has the same weights: the gathered answers must be the one-process answers
     assert main([TINY, *GENERATE, "--eval_on_start", "true", "--output_dir", str(tmp_path / "one")]) == 0
