@@ -69,7 +69,8 @@ def _previous_run(output_dir: Path) -> list[str]:
 
 
 def check_run_directories(args: Any) -> str:
-    """Refuse what would lose or mix runs; settle the checkpoint to resume from. Writes nothing."""
+    """Refuse what would lose or mix runs; settle the checkpoint to resume from. Leaves nothing behind (the
+    writability test's scratch folder is removed at once)."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir}: exists and is a file")
