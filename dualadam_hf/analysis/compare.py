@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dualadam_hf.analysis import plots
+from dualadam_hf.hf.generation import markdown_cell
 from dualadam_hf.train.records import RUN_RECORD, RunRecordError, read_run_record
 
 def json_text(value: Any) -> str:
@@ -132,15 +133,12 @@ def samples_markdown(runs: list[Run], run_dirs: list[Path], label: dict[str, str
     if not answers:
         return ""
 
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", "<br>")
-
     lines = ["# Generated answers, side by side", "",
              "Each run's answers from its last evaluation that generated, to the same prompts (greedy decoding).", ""]
     for number, (prompt, by_run) in enumerate(answers.items(), start=1):
         lines += [f"## {number}", "", "```text", prompt.strip(), "```", "",
-                  "| | answer |", "|---|---|", f"| **reference** | {cell(references[prompt])} |"]
-        lines += [f"| {name} | {cell(by_run.get(name, '—'))} |" for name in label.values()]
+                  "| | answer |", "|---|---|", f"| **reference** | {markdown_cell(references[prompt])} |"]
+        lines += [f"| {name} | {markdown_cell(by_run.get(name, '—'))} |" for name in label.values()]
         lines.append("")
     return "\n".join(lines)
 

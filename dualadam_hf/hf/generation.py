@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from dualadam_hf.hf.metrics import IGNORE_INDEX
+
 METRIC_DIR = Path(__file__).parent / "generation_metric"
 
 
@@ -115,12 +116,15 @@ def write_samples(records: list[dict[str, Any]], output_dir: str, step: int) -> 
     return path
 
 
-def markdown_table(records: list[dict[str, Any]], limit: int = 8) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", "<br>")
+def markdown_cell(text: str) -> str:
+    """Text that stays in one markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
 
+
+def markdown_table(records: list[dict[str, Any]], limit: int = 8) -> str:
     rows = ["| prompt | reference | answer |", "|---|---|---|"]
-    rows += [f"| {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['answer'])} |" for r in records[:limit]]
+    for record in records[:limit]:
+        rows.append("| " + " | ".join(markdown_cell(record[key]) for key in ("prompt", "reference", "answer")) + " |")
     return "\n".join(rows)
 
 

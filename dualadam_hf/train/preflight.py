@@ -68,6 +68,12 @@ def _previous_run(output_dir: Path) -> list[str]:
     ]
 
 
+def _resumes_into(args: Any, output_dir: Path) -> bool:
+    """Whether the (settled) checkpoint to resume from is one of output_dir's own."""
+    checkpoint = args.resume_from_checkpoint
+    return checkpoint is not None and Path(checkpoint).resolve().parent == output_dir.resolve()
+
+
 def check_run_directories(args: Any) -> str:
     """Refuse what would lose or mix runs; settle the checkpoint to resume from. Leaves nothing behind (the
     writability test's scratch folder is removed at once)."""
@@ -76,7 +82,7 @@ def check_run_directories(args: Any) -> str:
         raise ValueError(f"output_dir {output_dir}: exists and is a file")
     _check_writable(output_dir)
     note = _resolve_resume(args)
-    resuming_here = args.resume_from_checkpoint is not None and Path(args.resume_from_checkpoint).resolve().parent == output_dir.resolve()
+    resuming_here = _resumes_into(args, output_dir)
     previous = _previous_run(output_dir)
     if previous and not args.overwrite_output_dir and not resuming_here:
         shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
@@ -95,7 +101,7 @@ def clear_previous_run(args: Any) -> None:
     output_dir = Path(args.output_dir)
     if not args.overwrite_output_dir or not output_dir.is_dir():
         return
-    if args.resume_from_checkpoint is not None and Path(args.resume_from_checkpoint).resolve().parent == output_dir.resolve():
+    if _resumes_into(args, output_dir):
         return
     for path in [*checkpoints_in(output_dir), *partial_dirs(output_dir)]:
         shutil.rmtree(path)
