@@ -32,16 +32,24 @@ def safe_perplexity(loss: float) -> float:
         return float("inf")
 
 
-def per_example_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(batch, 3) float64 rows of [nll_sum, label_count, correct].
+def per_example_stats(logits: torch.Tensor, labels: torch.Tensor, bounds: list[int] | None = None) -> torch.Tensor:
+    """(examples, 3) float64 rows of [nll_sum, label_count, correct].
 
     Causal LM (logits batch x seq x vocab, labels batch x seq): position i predicts label i+1, label
-    tokens are those != -100. Classification (logits batch x classes, labels batch): one label each.
+    tokens are those != -100. A packed batch (one row, ``bounds`` = where each example starts, then the
+    row's end) gives one row per example, as the same examples padded would, so that the evaluation loop
+    gathers and de-duplicates examples either way. Classification (logits batch x classes, labels
+    batch): one label each.
     """
     if logits.dim() == 3 and labels.dim() == 2:
+        if bounds is not None:
+            pairs = [(logits[0, start:end], labels[0, start:end]) for start, end in zip(bounds[:-1], bounds[1:])]
+        else:
+            pairs = list(zip(logits, labels))
         rows = []
-        # one row at a time: a whole batch of fp32 logits can be large for big vocabularies
-        for row_logits, row_labels in zip(logits[:, :-1], labels[:, 1:]):
+        # one example at a time: a whole batch of fp32 logits can be large for big vocabularies
+        for row_logits, row_labels in pairs:
+            row_logits, row_labels = row_logits[:-1], row_labels[1:]
             mask = row_labels != IGNORE_INDEX
             nll = F.cross_entropy(row_logits.float(), row_labels, ignore_index=IGNORE_INDEX, reduction="sum")
             correct = ((row_logits.argmax(-1) == row_labels) & mask).sum()

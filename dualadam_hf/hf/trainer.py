@@ -30,6 +30,7 @@ from dualadam_hf.hf.generation import Prompt, generate, markdown_table, select_p
 from dualadam_hf.hf.generation import summarize as summarize_generations
 from dualadam_hf.hf.launch import check_deepspeed_precision
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
+from dualadam_hf.hf.packing import batch_token_counts, segment_bounds, token_metrics
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
 from dualadam_hf.hf.settings import inv_scale_on_shards, settings_of, settle
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
@@ -198,6 +199,8 @@ class DualAdamMetricsMixin:
     """
 
     _step_loss: torch.Tensor | None = None
+    # [non-pad tokens, tokens of the padded layout] trained on by this process since train() began
+    _token_counts: torch.Tensor | None = None
     _checkpoint_staging: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -224,6 +227,9 @@ class DualAdamMetricsMixin:
     # ---- whole runs: non-finite steps, atomic checkpoints ----
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        counts = batch_token_counts(inputs)
+        if counts is not None:
+            self._token_counts = counts if self._token_counts is None else self._token_counts + counts
         loss = super().training_step(model, inputs, num_items_in_batch)
         step_loss = loss.detach().float().sum()
         self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
@@ -238,6 +244,20 @@ class DualAdamMetricsMixin:
             if not bool(torch.isfinite(torch.stack([loss, norm])).all()):
                 self._stop_on_non_finite(loss.item(), norm.item())
         return grad_norm
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's run, whose metrics add what padding cost: ``train_padding_share`` (pad tokens / all
+        tokens of the padded layout: computed without packing, removed with it) and
+        ``train_nonpad_tokens_per_second`` (over ``train_runtime``, evaluations included), summed over processes."""
+        self._token_counts = None
+        result = super().train(*args, **kwargs)
+        counts = self._token_counts
+        if counts is None:
+            counts = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        result.metrics.update(token_metrics(counts, result.metrics.get("train_runtime")))
+        return result
 
     def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
         step = self.state.global_step + 1
@@ -389,7 +409,7 @@ class DualAdamMetricsMixin:
             outputs = model(**features)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         self._eval_task = "causal_lm" if logits.dim() == 3 else "classification"
-        return None, per_example_stats(logits, labels), None
+        return None, per_example_stats(logits, labels, segment_bounds(inputs)), None
 
     def _measure(self, dataset: Dataset, description: str, prefix: str) -> tuple[dict[str, float], Any]:
         dataloader = self.get_eval_dataloader(dataset)

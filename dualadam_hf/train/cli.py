@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualadam_hf.hf.packing import PackingError
 from dualadam_hf.hf.trainer import LaunchConfigError, NonFiniteError
 from dualadam_hf.models.loading import ModelLoadError
 from dualadam_hf.train.preflight import check_run_directories, clear_previous_run
@@ -54,7 +55,7 @@ def script_main(
             note += f"\nnote:            {line}"
         summary = describe(*settings) + note
     except ValueError as error:  # RecipeError included: one line, naming the culprit
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        report_error(str(error).splitlines()[0])
         return 2
     if run_args.dry_run:
         print(summary)
@@ -67,14 +68,22 @@ def script_main(
         run(*settings)
         finished = True
     except (DataError, ModelLoadError, NonFiniteError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(str(error))
         return 1
-    except LaunchConfigError as error:  # the launcher's config, read once the Trainer exists
-        print(f"error: {error}", file=sys.stderr)
+    except (LaunchConfigError, PackingError) as error:  # the launcher's config, read once the Trainer exists;
+        # a model that cannot be packed, known once it is loaded
+        report_error(str(error))
         return 2
     finally:
         release_process_group(wait_for_the_others=finished)
     return 0
+
+
+def report_error(message: str) -> None:
+    """One ``error:`` line on stderr, in one write: under ``accelerate launch`` every rank reports, and
+    ``print`` writes the text and its newline apart, so two ranks' lines could interleave."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def release_process_group(*, wait_for_the_others: bool) -> None:

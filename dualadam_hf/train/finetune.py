@@ -87,12 +87,14 @@ def describe(
         if data_args.validation_split
         else f"{data_args.validation_fraction:g} of {data_args.train_split!r} held out (seed {data_args.split_seed})"
     )
+    check_packing(model_args, data_args)
     lines = [
         f"model:           {model_args.model_name_or_path} (trust_remote_code={model_args.trust_remote_code}, "
         f"dtype {model_args.dtype}, attention {model_args.attn_implementation or 'default'}, "
         f"activation checkpointing {training_args.activation_checkpointing})",
         f"data:            {data_args.dataset_name}, train split {data_args.train_split!r}, validation {validation}, "
         f"max_seq_length {data_args.max_seq_length}",
+        f"packing:         {packing_line(model_args, data_args)}",
         "peft:            "
         + (
             f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha} dropout={lora_args.lora_dropout} "
@@ -104,6 +106,29 @@ def describe(
         *run_lines(training_args, "examples"),
     ]
     return "\n".join(lines)
+
+
+def check_packing(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """An attention implementation named in the recipe that cannot keep packed examples apart is refused before
+    anything loads; the model itself is checked once loaded (``prepare_for_packing``)."""
+    from dualadam_hf.hf.packing import check_attention
+
+    if data_args.packing:
+        check_attention(model_args.attn_implementation)
+
+
+def packing_line(model_args: ModelArguments, data_args: DataArguments) -> str:
+    if not data_args.packing:
+        return "off (each batch right-padded to its longest example)"
+    attention = model_args.attn_implementation
+    how = (
+        "SDPA run on each example (packed_sdpa)"
+        if attention in (None, "sdpa", "packed_sdpa")
+        else f"{attention}, kept apart by {'the example boundaries' if attention.startswith('flash') else 'a block-diagonal mask'}"
+    )
+    if attention is None:
+        how += " unless the model's default attention is not SDPA"
+    return f"on (padding-free batches for training and evaluation; attention: {how}; use_cache off)"
 
 
 def resolve_dataset_name(data_args: DataArguments) -> None:
@@ -152,10 +177,13 @@ def run(
 ) -> dict[str, float]:
     """Load, prepare, train, evaluate, save. Data problems stop the run before anything is written."""
     resolve_dataset_name(data_args)
+    from dualadam_hf.hf.packing import packed_collator, prepare_for_packing
     from dualadam_hf.hf.trainer import DualAdamTrainer
     from dualadam_hf.train.sft_data import SFTCollator, prepare_datasets
 
     model, tokenizer = load_model_and_tokenizer(model_args, seed=training_args.seed)
+    if data_args.packing:
+        logger.warning("packing: padding-free batches, attention %s", prepare_for_packing(model))
     data = prepare_datasets(data_args, tokenizer)
     logger.warning("data: %s", data.summary())
     if training_args.activation_checkpointing:
@@ -168,7 +196,7 @@ def run(
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=SFTCollator(tokenizer.pad_token_id),
+        data_collator=packed_collator() if data_args.packing else SFTCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
     return train_and_save(
@@ -189,6 +217,7 @@ def run(
             validation_fraction=data_args.validation_fraction,
             split_seed=data_args.split_seed,
             max_seq_length=data_args.max_seq_length,
+            packing=data_args.packing,
         ),
     )
 

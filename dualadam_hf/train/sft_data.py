@@ -63,6 +63,13 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N evaluation examples (after the split)."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free batches: each batch's examples in one row, kept apart by attention, for "
+            "training and evaluation. The same examples per step and the same loss, without computing padding."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name is None:

@@ -8,6 +8,11 @@ see the one process's batch of 8. The training loss is normalised by the label t
 global batch (the Trainer gathers num_items_in_batch), so it is the one-process loss up to the order
 of floating-point reductions.
 
+The tiny recipe packs its batches (padding-free): every two-process run below trains packed and is
+compared with a one-process run of padded batches, so each also checks that packing changes neither
+the steps' losses nor the whole-set evaluation under DDP, ZeRO-2/3 and FSDP2; `ddp_padded` keeps the
+padded layout covered under two processes.
+
 Every run: 8 optimizer steps of DualAdam with switch_ratio=1.0 (alpha_t = 1 - t/8, non-zero until the
 last step, so a counter restarted by a resume would show), an evaluation before the first step (the
 same weights everywhere: the whole-set measures must agree to float precision; 15 validation
@@ -117,7 +122,9 @@ def reference(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("one_process")
     launcher = ["--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
-    result = launch(launcher, ["scripts/finetune.py", *RUN, "--per_device_train_batch_size", "8"], output_dir)
+    result = launch(
+        launcher, ["scripts/finetune.py", *RUN, "--per_device_train_batch_size", "8", "--packing", "false"], output_dir
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert by_step(history(output_dir), "dualadam_alpha") == pytest.approx(EXPECTED_ALPHA, abs=1e-12)
     return output_dir
@@ -125,13 +132,17 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shipped_config_run(tmp_path_factory):
-    """Config name -> output directory of its two-process run, launched once, on first use."""
+    """Config name -> output directory of its two-process run, launched once, on first use. "ddp_padded" is
+    the DDP config with packing off."""
     output_dirs: dict[str, Path] = {}
 
     def run(config: str) -> Path:
         if config not in output_dirs:
             output_dir = tmp_path_factory.mktemp(config)
-            succeeded(launch_two(ROOT / "recipes" / "accelerate" / f"{config}.yaml", output_dir, fsdp=config == "fsdp"))
+            shipped, _, padded = config.partition("_")
+            flags = ["--packing", "false"] if padded else []
+            config_file = ROOT / "recipes" / "accelerate" / f"{shipped}.yaml"
+            succeeded(launch_two(config_file, output_dir, *flags, fsdp=shipped == "fsdp"))
             output_dirs[config] = output_dir
         return output_dirs[config]
 
@@ -139,15 +150,21 @@ def shipped_config_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("config", ["ddp", "ddp_padded", "zero2", "zero3", "fsdp"])
 def test_two_processes_train_like_one(config, reference, shipped_config_run):
     output_dir = shipped_config_run(config)
     log, reference_log = history(output_dir), history(reference)
 
-    for name in SHARDED_FILES[config]:
+    for name in SHARDED_FILES[config.partition("_")[0]]:
         assert (output_dir / f"checkpoint-{CHECKPOINT_STEP}" / name).is_file(), name
     # DualAdam did the steps, behind the config's wrappers, with alpha_t from its own step counters
     assert by_step(log, "dualadam_alpha") == pytest.approx(EXPECTED_ALPHA, abs=1e-12)
+
+    # the non-pad tokens trained on are summed over the processes: the one process's count
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    assert train_results["train_nonpad_tokens"] == json.loads((reference / "train_results.json").read_text())[
+        "train_nonpad_tokens"
+    ]
 
     difference = max_relative_loss_difference(log, reference_log)
     print(f"{config}: max relative difference of the training loss to one process: {difference:.2e}")

@@ -46,6 +46,42 @@ def test_dry_run_of_the_openpangu_recipes_is_offline(recipe, optimizer, capsys, 
     assert f"optimizer:       {optimizer}" in out
     assert "4 per device x 8 accumulation x 1 processes = 32 examples per optimizer step" in out
     assert "bf16 mixed" in out
+    assert "packing:         on (padding-free batches for training and evaluation; attention: SDPA run on each example" in out
+
+
+def test_dry_run_says_whether_packing_is_on_and_how_examples_are_kept_apart(capsys, no_downloads):
+    assert main([TINY, "--dry_run", "true", "--packing", "false"]) == 0
+    assert "packing:         off (each batch right-padded to its longest example)" in capsys.readouterr().out
+    assert main([TINY, "--dry_run", "true", "--attn_implementation", "eager"]) == 0
+    assert "attention: eager, kept apart by a block-diagonal mask; use_cache off" in capsys.readouterr().out
+    assert main([TINY, "--dry_run", "true", "--attn_implementation", "flash_attention_2"]) == 0
+    assert "attention: flash_attention_2, kept apart by the example boundaries" in capsys.readouterr().out
+
+
+def test_packing_with_an_attention_that_cannot_keep_examples_apart_is_refused_before_loading(tmp_path, capsys, no_downloads):
+    out = tmp_path / "run"
+    assert main([TINY, "--output_dir", str(out), "--attn_implementation", "paged|eager"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: packing: attn_implementation=paged|eager cannot keep packed examples apart; use one of eager, sdpa, "
+        "packed_sdpa, flex_attention, flash_attention_2, flash_attention_3, flash_attention_4, or set packing: false\n"
+    )
+    assert not out.exists()
+
+
+def test_a_model_found_unable_to_pack_once_loaded_exits_2_in_one_line(tmp_path, capsys, monkeypatch):
+    from dualadam_hf.hf import packing
+
+    message = "packing: llama does not run its attention through transformers' attention interface"
+
+    def cannot(model):
+        raise packing.PackingError(message)
+
+    monkeypatch.setattr(packing, "prepare_for_packing", cannot)
+    out = tmp_path / "run"
+    assert main([TINY, "--output_dir", str(out), *SHORT]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    assert not (out / "model.safetensors").exists() and not (out / "train_results.json").exists()
 
 
 def test_dry_run_names_xi_and_the_step_where_alpha_reaches_zero(capsys, no_downloads):
@@ -98,7 +134,12 @@ def test_tiny_recipe_runs_and_leaves_state_metrics_and_model(tmp_path):
         assert (out / name).is_file(), name
     config = json.loads((out / "run_config.json").read_text())
     assert config["optim"] == "dualadam" and config["model"] == "builtin:tiny-llama"
-    assert "train_truncated_examples" in json.loads((out / "train_results.json").read_text())
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert "train_truncated_examples" in train_results
+    # the recipe packs: the summary says how much padding that removed, and the non-pad throughput
+    assert 0.05 < train_results["train_padding_share"] < 0.95
+    assert train_results["train_nonpad_tokens_per_second"] > 0
+    assert config["packing"] is True
 
 
 def test_lora_saves_an_adapter(tmp_path):
