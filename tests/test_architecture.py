@@ -23,7 +23,7 @@ MAY_IMPORT = {
     "train": {"train", "hf", "models", "optim"},
     "analysis": {"analysis", "train", "hf", "models", "optim"},
 }
-# third-party packages each layer may not import, at any depth
+# third-party packages each layer may not import, at any depth (torchao: see test_torchao_stays_optional)
 FORBIDDEN_EXTERNAL = {
     "optim": {"transformers", "accelerate", "datasets", "peft", "deepspeed", "matplotlib", "tokenizers"},
     "models": {"matplotlib", "datasets"},
@@ -148,3 +148,31 @@ def test_a_training_process_loads_no_plotting_code(command):
         probe += f"sys.argv = {command!r}\nsys.path.insert(0, 'scripts')\nrunpy.run_path({command[0]!r}, run_name='__main__')\n"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.stderr.strip().splitlines()[-1] == "CLEAN", result.stderr[-2000:]
+
+
+def top_level_imports(name: str) -> set[str]:
+    """The modules a module imports when it is imported (statements at its top level only)."""
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_torchao_stays_optional():
+    # imported inside functions only: by optim.lowbit when a low-bit optimizer is built (its state), and by
+    # analysis.bench for torchao's AdamW8bit/AdamW4bit, the low-bit optimizers' timing baselines
+    importers = {name for name in MODULES if "torchao" in {target.split(".")[0] for target in imports_of(name)}}
+    assert importers == {"dualadam_hf.optim.lowbit", "dualadam_hf.analysis.bench"}
+    for name in MODULES:
+        assert "torchao" not in {target.split(".")[0] for target in top_level_imports(name)}, name
+
+
+def test_importing_the_package_prints_nothing():
+    # transformers imports torchao whenever it is installed, and torchao's import logs lines on CPU machines
+    result = subprocess.run([sys.executable, "-c", "import dualadam_hf"], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr[-2000:]

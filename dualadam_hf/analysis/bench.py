@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dualadam_hf.optim.dualadam import DualAdam, InvAdam
+from dualadam_hf.optim.lowbit import DualAdam4bit, DualAdam8bit
 
 __all__ = ["Candidate", "candidates", "device_name", "format_table", "run_benchmark", "transformer_shapes"]
 
@@ -52,8 +53,18 @@ def _kozistr_dualadam(params: list[Tensor]) -> torch.optim.Optimizer:
     )
 
 
+def _torchao_adamw(bits: int) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    def make(params: list[Tensor]) -> torch.optim.Optimizer:
+        from torchao.optim import AdamW4bit, AdamW8bit
+
+        return (AdamW8bit if bits == 8 else AdamW4bit)(params, **HYPER)
+
+    return make
+
+
 def candidates() -> list[Candidate]:
-    """The optimizers compared; kozistr's DualAdam (pytorch_optimizer) only when it is installed."""
+    """The optimizers compared; kozistr's DualAdam (pytorch_optimizer) only when it is installed, the
+    low-bit ones and torchao's AdamW8bit/AdamW4bit, their baselines, only when torchao is."""
     blending = dict(HYPER, switch_rate=BLENDING_SWITCH_RATE)
     switched = dict(HYPER, switch_rate=SWITCHED_RATE)
     found = [
@@ -69,6 +80,15 @@ def candidates() -> list[Candidate]:
     ]
     if importlib.util.find_spec("pytorch_optimizer") is not None:
         found.append(Candidate("kozistr DualAdam foreach, blending", _kozistr_dualadam))
+    if importlib.util.find_spec("torchao") is not None:
+        found += [
+            Candidate("torchao AdamW8bit", _torchao_adamw(8)),
+            Candidate("DualAdam8bit, blending", lambda ps: DualAdam8bit(ps, **blending)),
+            Candidate("DualAdam8bit, after switch", lambda ps: DualAdam8bit(ps, **switched)),
+            Candidate("torchao AdamW4bit", _torchao_adamw(4)),
+            Candidate("DualAdam4bit, blending", lambda ps: DualAdam4bit(ps, **blending)),
+            Candidate("DualAdam4bit, after switch", lambda ps: DualAdam4bit(ps, **switched)),
+        ]
     return found
 
 

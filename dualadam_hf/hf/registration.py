@@ -1,10 +1,12 @@
-"""Make ``optim="dualadam"`` / ``"invadam"`` valid in stock transformers.
+"""Make ``optim="dualadam"`` / ``"invadam"`` (and their low-bit twins, ``"dualadam_8bit"``, ...) valid in
+stock transformers.
 
 Transformers has no public API for new optimizer names: ``TrainingArguments`` converts ``optim`` with the
 closed enum ``OptimizerNames`` ("is not a valid OptimizerNames", transformers issue 31651), and
 ``Trainer.get_optimizer_cls_and_kwargs`` looks the name up in ``trainer_optimizer._OPTIMIZER_HANDLERS``.
-This module, and only this one, touches those internals: it adds two members to the enum and two
-handlers to the table. ``check_internals`` says in plain words what moved if an upgrade changes them.
+This module, and only this one, touches those internals: it adds a member to the enum and a handler
+to the table per name of ``OPTIMIZERS``. ``check_internals`` says in plain words what moved if an upgrade
+changes them.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from dualadam_hf.hf.settings import settings_of
-from dualadam_hf.optim import DualAdam, InvAdam
+from dualadam_hf.hf.settings import OPTIMIZERS, settings_of
+from dualadam_hf.optim import DualAdam
 
 # The transformers releases this module is tested on (pyproject.toml pins the same range).
 TESTED_TRANSFORMERS = ">=5.0,<5.30"
-OPTIMIZERS: dict[str, type[DualAdam]] = {"dualadam": DualAdam, "invadam": InvAdam}
 
 # The run's total optimizer steps, set by DualAdamTrainer around optimizer creation so that
 # switch_ratio can be resolved; the stock Trainer falls back to args.max_steps.
@@ -85,7 +86,7 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
 
 
 def optimizer_kwargs(name: str, args: Any, total_steps: int | None = None) -> dict[str, Any]:
-    """DualAdam/InvAdam keyword arguments from TrainingArguments, as HF does for AdamW:
+    """DualAdam/InvAdam (or low-bit twin) keyword arguments from TrainingArguments, as HF does for AdamW:
     learning_rate, adam_beta1, adam_beta2, adam_epsilon, plus the typed optim_args (``settings_of``: read
     from DualAdamTrainingArguments, parsed and checked here for a stock TrainingArguments, which the stock
     Trainer does not check before it builds the optimizer).
@@ -105,7 +106,7 @@ def _handler(name: str):
 
 
 def register() -> None:
-    """Idempotent: add ``dualadam`` and ``invadam`` to OptimizerNames and to the Trainer's handlers."""
+    """Idempotent: add every name of ``OPTIMIZERS`` to OptimizerNames and to the Trainer's handlers."""
     names, handlers = _internals()
     for name in OPTIMIZERS:
         member = _add_enum_member(names, name.upper(), name)

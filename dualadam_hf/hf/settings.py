@@ -5,7 +5,8 @@ there. ``OptimSettings.from_training_args`` gives each key its type, refuses unk
 what the optimizer would refuse at construction, and returns a frozen object. ``DualAdamTrainingArguments``
 does this in ``__post_init__`` and keeps the result; the optimizer handler, ``DualAdamTrainer`` and the
 scripts' descriptions read it (``settings_of``). ``switch_ratio`` (the fraction of the run after which
-alpha reaches 0) becomes a ``switch_rate`` once the run's length is known.
+alpha reaches 0) becomes a ``switch_rate`` once the run's length is known. The low-bit optimizers
+(``dualadam_8bit``, ...) take DualAdam's keys and torchao's ``block_size`` and ``bf16_stochastic_round``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualadam_hf.hf.launch import sharding_of
+from dualadam_hf.optim import DualAdam, DualAdam4bit, DualAdam8bit, InvAdam, InvAdam4bit, InvAdam8bit
 from dualadam_hf.optim.kernels import INV_SCALES, SCHEDULES, check_hyperparameters, check_schedule
+from dualadam_hf.optim.lowbit import check_block_size, missing_dependency
+
+# optim name -> class; hf.registration adds these names to transformers
+OPTIMIZERS: dict[str, type[DualAdam]] = {
+    "dualadam": DualAdam,
+    "invadam": InvAdam,
+    "dualadam_8bit": DualAdam8bit,
+    "dualadam_4bit": DualAdam4bit,
+    "invadam_8bit": InvAdam8bit,
+    "invadam_4bit": InvAdam4bit,
+}
+LOW_BIT = {"dualadam_8bit": "8bit", "dualadam_4bit": "4bit", "invadam_8bit": "8bit", "invadam_4bit": "4bit"}
 
 
 def _float(value: str) -> float:
@@ -28,6 +42,12 @@ def _float(value: str) -> float:
 
 def _int(value: str) -> int:
     return int(value)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+    return value.lower() == "true"
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
@@ -55,9 +75,17 @@ SCHEDULE_KEYS = {
     "switch_base": ("exponential",),
     "switch_step": ("step",),
 }
+LOW_BIT_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "block_size": (_int, "a positive integer (even for 4-bit state)"),
+    "bf16_stochastic_round": (_bool, "true or false"),
+}
 KEYS_BY_OPTIMIZER: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
     "dualadam": DUALADAM_KEYS,
     "invadam": {},
+    "dualadam_8bit": DUALADAM_KEYS | LOW_BIT_KEYS,
+    "dualadam_4bit": DUALADAM_KEYS | LOW_BIT_KEYS,
+    "invadam_8bit": LOW_BIT_KEYS,
+    "invadam_4bit": LOW_BIT_KEYS,
 }
 
 
@@ -89,10 +117,12 @@ class OptimSettings:
     switch_base: float | None = None
     switch_step: int | None = None
     inv_scale: str = "none"
+    block_size: int | None = None
+    bf16_stochastic_round: bool | None = None
 
     @classmethod
     def parse(cls, optimizer: str, optim_args: str | None) -> OptimSettings:
-        """Typed settings for ``optimizer`` ("dualadam" or "invadam"); every refusal names the key."""
+        """Typed settings for ``optimizer`` (a name of ``OPTIMIZERS``); every refusal names the key."""
         keys = KEYS_BY_OPTIMIZER[optimizer]
         parsed: dict[str, Any] = {}
         for key, raw in split_optim_args(optim_args).items():
@@ -118,6 +148,12 @@ class OptimSettings:
                 raise ValueError("optim_args: give switch_rate or switch_ratio, not both")
         settings = cls(optimizer=optimizer, optim_args=optim_args, **parsed)
         check_schedule(settings.schedule, settings.switch_rate or 0.0, settings.switch_base, settings.switch_step)
+        if settings.block_size is not None:
+            try:
+                check_block_size(settings.block_size, LOW_BIT[optimizer], OPTIMIZERS[optimizer].__name__)
+            except ValueError:
+                expected = LOW_BIT_KEYS["block_size"][1]
+                raise ValueError(f"optim_args: block_size={settings.block_size} is not {expected}") from None
         return settings
 
     @classmethod
@@ -125,7 +161,11 @@ class OptimSettings:
         """Everything DualAdam/InvAdam would refuse at construction, checked from TrainingArguments, so that
         a dry run refuses it too and a real run does not fail after loading the model and the data."""
         optimizer = str(args.optim.value)
-        name = "DualAdam" if optimizer == "dualadam" else "InvAdam"
+        name = OPTIMIZERS[optimizer].__name__
+        if optimizer in LOW_BIT:
+            refusal = low_bit_refusal(optimizer, sharding_of(args))
+            if refusal is not None:
+                raise ValueError(f"optim: {refusal}")
         check_hyperparameters(
             args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.weight_decay, name
         )
@@ -138,8 +178,9 @@ class OptimSettings:
     def optimizer_kwargs(self, total_steps: int | None) -> dict[str, Any]:
         """The keyword arguments the settings give the optimizer, with switch_ratio turned into switch_rate
         (``1 / (switch_ratio * total_steps)``)."""
-        kwargs: dict[str, Any] = dict(schedule=self.schedule, inv_scale=self.inv_scale) if self.optimizer == "dualadam" else {}
-        for key in ("switch_rate", "switch_base", "switch_step"):
+        scheduled = "schedule" in KEYS_BY_OPTIMIZER[self.optimizer]  # DualAdam's family, not InvAdam's
+        kwargs: dict[str, Any] = dict(schedule=self.schedule, inv_scale=self.inv_scale) if scheduled else {}
+        for key in ("switch_rate", "switch_base", "switch_step", "block_size", "bf16_stochastic_round"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
         if self.switch_ratio is not None:
@@ -164,14 +205,15 @@ def settings_of(args: Any) -> OptimSettings:
 def settle(args: Any) -> tuple[OptimSettings | None, str]:
     """Settle a TrainingArguments' optimizer settings once: ``(settings, note)``.
 
-    For DualAdam and InvAdam, the checked settings. For any other optimizer, DualAdam's own keys are
-    dropped from ``optim_args`` (a DualAdam recipe run with ``--optim adamw_torch`` is the baseline users
-    ask for, and ``switch_ratio`` means nothing there), and the note says so.
+    For ours (``OPTIMIZERS``), the checked settings. For an optimizer without a schedule, DualAdam's own
+    keys are dropped from ``optim_args`` (a DualAdam recipe run with ``--optim adamw_torch`` is the baseline
+    users ask for, and ``switch_ratio`` means nothing there), and the note says so.
     """
     optimizer = str(args.optim.value)
     pairs = split_optim_args(args.optim_args)
     note = ""
-    if optimizer != "dualadam" and pairs and set(pairs) <= set(DUALADAM_KEYS):
+    takes_them = set(pairs) <= set(KEYS_BY_OPTIMIZER.get(optimizer, {}))
+    if pairs and set(pairs) <= set(DUALADAM_KEYS) and not takes_them:
         note = f"optim_args {args.optim_args!r} are DualAdam's; not used by {optimizer}"
         args.optim_args = None
     settings = OptimSettings.from_training_args(args) if optimizer in KEYS_BY_OPTIMIZER else None
@@ -186,3 +228,16 @@ def inv_scale_on_shards(inv_scale: str, sharding: str | None) -> str | None:
         f"inv_scale={inv_scale} rescales per whole tensor, but {sharding} hands the optimizer shards of tensors; "
         "remove inv_scale or train without sharding (DDP is fine)"
     )
+
+
+def low_bit_refusal(optimizer: str, sharding: str | None) -> str | None:
+    """Why the low-bit ``optimizer`` cannot run here (torchao missing, DeepSpeed), or None where it can."""
+    missing = missing_dependency()
+    if missing is not None:
+        return f"{optimizer} needs torchao: {missing}"
+    if sharding == "DeepSpeed":
+        return (
+            f"{optimizer} keeps its state quantized per tensor, but DeepSpeed ZeRO hands the optimizer flat "
+            "partitions of many tensors; use DDP or FSDP2 (recipes/accelerate/ddp.yaml, fsdp.yaml), or optim=dualadam"
+        )
+    return None

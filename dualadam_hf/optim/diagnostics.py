@@ -16,8 +16,10 @@ from dualadam_hf.optim.kernels import schedule_alpha
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    # FSDP2 keeps DTensors; the update is element-wise, so this process's shard is what it holds.
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    # FSDP2 keeps DTensors; the update is element-wise, so this process's shard is what it holds. The
+    # low-bit optimizers keep torchao's quantized tensors, read through dequantize() (a plain one's is itself).
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.dequantize()
 
 
 # Elements per chunk: bounds the temporaries (three fp32 chunks) whatever the size of a tensor.

@@ -198,10 +198,18 @@ class DualAdam(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = self._new_moment(p, signed=True)
+                state["exp_avg_sq"] = self._new_moment(p, signed=False)
             entries.append((p, p.grad, state))
         return entries
+
+    def _new_moment(self, p: Tensor, signed: bool) -> Tensor:
+        """A zero ``exp_avg`` (signed) or ``exp_avg_sq`` for ``p``; ``lowbit``'s optimizers quantize it."""
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _backend(self, group: dict[str, Any], entries: list) -> Callable[..., None]:
+        """The backend that steps ``group``; ``lowbit``'s optimizers step their quantized state with their own."""
+        return _choose_backend(group, entries)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -212,7 +220,7 @@ class DualAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             entries = self._init_group(group)
             if entries:
-                _dispatch(group, entries, self._custom_schedule)
+                _dispatch(group, entries, self._custom_schedule, self._backend(group, entries))
         return loss
 
 
@@ -246,8 +254,9 @@ def _dispatch(
     group: dict[str, Any],
     entries: list[tuple[Tensor, Tensor, dict[str, Tensor]]],
     custom_schedule: Callable[[int], float] | None,
+    backend: Callable[..., None],
 ) -> None:
-    """Advance the step counters, compute the scalars once per bucket, and run one backend on it.
+    """Advance the step counters, compute the scalars once per bucket, and run ``backend`` on it.
 
     Buckets hold tensors of one type, device, dtype and step count: the step decides alpha_t and the
     bias corrections, and foreach kernels need uniform lists (mixed Tensor/DTensor lists fail).
@@ -260,7 +269,6 @@ def _dispatch(
         buckets.setdefault(key, []).append(entry)
 
     beta1, beta2 = group["betas"]
-    backend = _choose_backend(group, entries)
     for (_, _, _, step), bucket in buckets.items():
         scalars = StepScalars(
             lr=group["lr"],

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dualadam_hf.hf.settings import settings_of
+from dualadam_hf.hf.settings import LOW_BIT, settings_of
+from dualadam_hf.optim.lowbit import DEFAULT_BLOCK_SIZE, QUANTIZE_MIN_NUMEL
 from dualadam_hf.models.loading import first_line  # noqa: F401  (the apps' one-line errors)
 
 # DualAdam's default switch_rate, said when a recipe leaves it out
@@ -28,7 +29,12 @@ def optimizer_summary(args: Any) -> list[str]:
     if getattr(args, "optim_settings", None) is None:
         return lines
     settings = settings_of(args)
-    if name == "invadam":
+    if name in LOW_BIT:
+        block_size = settings.block_size or DEFAULT_BLOCK_SIZE[LOW_BIT[name]]
+        rounding = ", bf16 weights rounded stochastically" if settings.bf16_stochastic_round else ""
+        lines.append(f"  state: exp_avg and exp_avg_sq {LOW_BIT[name]} block-wise (block {block_size}; tensors under "
+                     f"{QUANTIZE_MIN_NUMEL} elements stay fp32), torchao{rounding}")
+    if name.startswith("invadam"):
         return lines + ["  alpha = 1 at every step (pure InvAdam)"]
     if settings.schedule == "linear" and settings.switch_ratio is not None:
         ratio = settings.switch_ratio

@@ -10,7 +10,7 @@ import transformers
 from tiny_lm import tiny_llama, training_kwargs
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from dualadam_hf import DualAdam, InvAdam
+from dualadam_hf import DualAdam, DualAdam4bit, DualAdam8bit, InvAdam, InvAdam4bit, InvAdam8bit
 from dualadam_hf.hf import registration
 
 
@@ -20,7 +20,7 @@ def test_internals_are_where_registration_expects():
 
 
 def test_training_arguments_accept_our_names(tmp_path):
-    for name in ("dualadam", "invadam"):
+    for name in ("dualadam", "invadam", "dualadam_8bit", "dualadam_4bit", "invadam_8bit", "invadam_4bit"):
         args = TrainingArguments(output_dir=str(tmp_path), optim=name, report_to="none")
         assert args.optim.value == name
 
@@ -84,3 +84,17 @@ def test_registration_is_idempotent():
     from transformers.training_args import OptimizerNames
 
     assert [m.value for m in OptimizerNames].count("dualadam") == 1
+
+
+LOW_BIT = {"dualadam_8bit": DualAdam8bit, "dualadam_4bit": DualAdam4bit, "invadam_8bit": InvAdam8bit,
+           "invadam_4bit": InvAdam4bit}
+
+
+@pytest.mark.parametrize("name", LOW_BIT)
+def test_stock_trainer_builds_the_low_bit_optimizers_with_hf_groups(name, tmp_path, train_set):
+    optim_args = "block_size=64" + (",switch_rate=0.002" if name.startswith("dualadam") else "")
+    args = TrainingArguments(**training_kwargs(tmp_path, optim=name, weight_decay=0.1, optim_args=optim_args))
+    optimizer = Trainer(model=tiny_llama(), args=args, train_dataset=train_set).create_optimizer()
+    assert type(optimizer) is LOW_BIT[name] and optimizer.block_size == 64
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.1}  # HF's no-decay group
+    assert {g["switch_rate"] for g in optimizer.param_groups} == {0.002 if name.startswith("dualadam") else 0.0}

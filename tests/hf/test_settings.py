@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from tiny_lm import tiny_llama, training_kwargs
 from transformers import TrainingArguments
 
 from dualadam_hf import DualAdamTrainer, DualAdamTrainingArguments
 from dualadam_hf.hf.registration import optimizer_kwargs
+from dualadam_hf.hf import settings as settings_module
 from dualadam_hf.hf.settings import OptimSettings, settings_of
 
 
@@ -133,3 +136,63 @@ def test_every_entry_point_names_the_misspelt_key_with_the_one_parser(tmp_path, 
         DualAdamTrainer(model=tiny_llama(), args=stock)
     with pytest.raises(ValueError, match=UNKNOWN):  # the stock Trainer, through the registered handler
         Trainer(model=tiny_llama(), args=stock).create_optimizer()
+
+
+def test_low_bit_optimizers_take_dualadams_keys_and_torchaos():
+    settings = parse("switch_ratio=0.3, block_size=64, bf16_stochastic_round=true", "dualadam_4bit")
+    assert (settings.switch_ratio, settings.block_size, settings.bf16_stochastic_round) == (0.3, 64, True)
+    assert settings.optimizer_kwargs(total_steps=10) == dict(
+        schedule="linear", inv_scale="none", switch_rate=1.0 / 3.0, block_size=64, bf16_stochastic_round=True
+    )
+    assert parse("block_size=64", "invadam_8bit").optimizer_kwargs(None) == dict(block_size=64)
+
+
+@pytest.mark.parametrize(
+    "optimizer,text,message",
+    [
+        ("dualadam_8bit", "block_size=0", "optim_args: block_size=0 is not a positive integer (even for 4-bit state)"),
+        ("dualadam_4bit", "block_size=63", "optim_args: block_size=63 is not a positive integer (even for 4-bit state)"),
+        ("dualadam_8bit", "bf16_stochastic_round=yes", "optim_args: bf16_stochastic_round='yes' is not true or false"),
+        ("dualadam", "block_size=64", "optim_args: unknown key 'block_size' for optim=dualadam"),
+        ("invadam_4bit", "switch_rate=0.1", "optim_args: unknown key 'switch_rate' for optim=invadam_4bit"),
+    ],
+)
+def test_bad_low_bit_values_are_named(optimizer, text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse(text, optimizer)
+
+
+def test_an_invadam_twin_on_a_dualadam_recipe_drops_the_switch_keys(tmp_path):
+    args = DualAdamTrainingArguments(**training_kwargs(tmp_path, optim="invadam_8bit", optim_args="switch_ratio=0.3"))
+    assert args.optim_args is None and "not used by invadam_8bit" in args.optim_args_note
+
+
+@pytest.mark.parametrize("how", ["deepspeed_argument", "accelerate_deepspeed"])
+def test_low_bit_state_is_refused_under_deepspeed_in_one_line(how, tmp_path, monkeypatch):
+    if how == "deepspeed_argument":
+        args = DualAdamTrainingArguments(**training_kwargs(tmp_path, optim="dualadam_8bit"))
+        monkeypatch.setattr(args, "deepspeed", "ds_config.json")
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        args = None
+    message = ("optim: dualadam_8bit keeps its state quantized per tensor, but DeepSpeed ZeRO hands the optimizer "
+               "flat partitions of many tensors; use DDP or FSDP2")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if args is None:
+            DualAdamTrainingArguments(**training_kwargs(tmp_path, optim="dualadam_8bit"))
+        else:
+            OptimSettings.from_training_args(args)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    DualAdamTrainingArguments(**training_kwargs(tmp_path, optim="dualadam_8bit"))  # FSDP2: fine
+
+
+def test_a_missing_torchao_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys):
+    from dualadam_hf.train.finetune import main as finetune
+
+    monkeypatch.setattr(settings_module, "missing_dependency", lambda: "torchao is not installed")
+    out = tmp_path / "run"
+    assert finetune(["recipes/tiny_alpaca.yaml", "--dry_run", "true", "--optim", "dualadam_8bit",
+                     "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: optim: dualadam_8bit needs torchao: torchao is not installed" and not out.exists()

@@ -45,6 +45,18 @@ def test_invadam_on_a_dualadam_recipe_drops_its_switch_keys(capsys):
     assert "optim_args 'switch_ratio=0.3' are DualAdam's; not used by invadam" in out and "alpha = 1" in out
 
 
+@pytest.mark.parametrize("optimizer,lines", [
+    ("invadam_8bit", ["state: exp_avg and exp_avg_sq 8bit block-wise (block 256;", "alpha = 1 at every step (pure InvAdam)"]),
+    ("dualadam_4bit", ["state: exp_avg and exp_avg_sq 4bit block-wise (block 128;", "alpha reaches 0 after 30% of"]),
+])
+def test_the_dry_run_describes_low_bit_state_and_the_schedule_it_keeps(optimizer, lines, capsys):
+    assert finetune([TINY, "--dry_run", "true", "--optim", optimizer]) == 0
+    out = capsys.readouterr().out
+    assert all(line in out for line in lines), out
+    if optimizer.startswith("invadam"):
+        assert "schedule linear" not in out  # alpha never leaves 1
+
+
 def run(*command):
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
 
