@@ -111,6 +111,15 @@ def register() -> None:
     AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
 
 
+def attends_fully(config: Any) -> bool:
+    """Whether every layer attends causally to the whole past: no sliding window (Mistral, Qwen2's sliding
+    layers, Gemma 2/3), no chunked attention. ``packed_sdpa`` computes exactly that and nothing else."""
+    if getattr(config, "sliding_window", None) is not None or getattr(config, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(config, "layer_types", None) or ()
+    return all(layer_type == "full_attention" for layer_type in layer_types)
+
+
 def attention_of(model: Any) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
@@ -119,9 +128,11 @@ def attention_of(model: Any) -> str | None:
 def prepare_for_packing(model: Any) -> str:
     """Make ``model`` keep packed examples apart, or refuse in one line (ValueError, naming the culprit).
 
-    SDPA becomes ``packed_sdpa``; the other implementations that keep packed examples apart stay. The
-    cache is turned off for the forward passes of training and evaluation (generation keeps its own
-    setting). Returns the attention implementation the run uses."""
+    SDPA becomes ``packed_sdpa`` where every layer attends fully (``attends_fully``); with a sliding window
+    SDPA stays, and keeps the examples apart with transformers' block-diagonal mask. The other
+    implementations that keep packed examples apart stay. The cache is turned off for the forward passes of
+    training and evaluation (generation keeps its own setting). Returns the attention implementation the
+    run uses."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
     if config is None or getattr(config, "is_encoder_decoder", False):
@@ -133,7 +144,12 @@ def prepare_for_packing(model: Any) -> str:
         )
     attention = attention_of(model)
     check_attention(attention or "none")
-    if attention == "sdpa":
+    if attention == PACKED_SDPA and not attends_fully(config):
+        raise PackingError(
+            f"packing: attn_implementation={PACKED_SDPA} attends to the whole past, but {model_type} uses a sliding "
+            "window or chunked attention; use sdpa"
+        )
+    if attention == "sdpa" and attends_fully(config):
         register()
         model.set_attn_implementation(PACKED_SDPA)
         attention = PACKED_SDPA

@@ -199,6 +199,7 @@ class DualAdamMetricsMixin:
     """
 
     _step_loss: torch.Tensor | None = None
+    _evaluation_seconds = 0.0  # spent in evaluate() since train() began
     # [non-pad tokens, tokens of the padded layout] trained on by this process since train() began
     _token_counts: torch.Tensor | None = None
     _checkpoint_staging: str | None = None
@@ -246,17 +247,22 @@ class DualAdamMetricsMixin:
         return grad_norm
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's run, whose metrics add what padding cost: ``train_padding_share`` (pad tokens / all
-        tokens of the padded layout: computed without packing, removed with it) and
-        ``train_nonpad_tokens_per_second`` (over ``train_runtime``, evaluations included), summed over processes."""
-        self._token_counts = None
+        """The Trainer's run, whose metrics add what padding cost, summed over processes and logged (every
+        reporter sees them): ``train_padding_share`` (pad tokens / all tokens of the padded layout: computed
+        without packing, removed with it) and ``train_nonpad_tokens_per_second`` (over ``train_runtime``
+        less the evaluations run during training)."""
+        self._token_counts, self._evaluation_seconds = None, 0.0
         result = super().train(*args, **kwargs)
         counts = self._token_counts
         if counts is None:
             counts = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
-        result.metrics.update(token_metrics(counts, result.metrics.get("train_runtime")))
+        runtime = result.metrics.get("train_runtime")
+        metrics = token_metrics(counts, runtime - self._evaluation_seconds if runtime else None)
+        result.metrics.update(metrics)
+        if metrics:
+            self.log(metrics)
         return result
 
     def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
@@ -449,6 +455,13 @@ class DualAdamMetricsMixin:
         eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if eval_dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        started = time.perf_counter()
+        try:
+            return self._evaluate_all(eval_dataset, metric_key_prefix)
+        finally:
+            self._evaluation_seconds += time.perf_counter() - started
+
+    def _evaluate_all(self, eval_dataset: Dataset | dict[str, Dataset], metric_key_prefix: str) -> dict[str, float]:
         named = list(eval_dataset.items()) if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
         first_size = len(named[0][1]) if hasattr(named[0][1], "__len__") else None
 

@@ -13,13 +13,15 @@ import torch
 
 from dualadam_hf.optim.dualadam import DualAdam
 from dualadam_hf.optim.kernels import schedule_alpha
+from dualadam_hf.optim.lowbit import is_quantized
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     # FSDP2 keeps DTensors; the update is element-wise, so this process's shard is what it holds. The
     # low-bit optimizers keep torchao's quantized tensors, read through dequantize() (a plain one's is itself).
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-    return local.dequantize()
+    # a plain tensor is read as it is: dequantize() would copy it whole (to fp32), past the chunk bound
+    return local.dequantize() if is_quantized(local) else local
 
 
 # Elements per chunk: bounds the temporaries (three fp32 chunks) whatever the size of a tensor.

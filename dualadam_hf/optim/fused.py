@@ -84,6 +84,16 @@ def unavailable_reason(tensor: Tensor) -> str | None:
     return _compiler_missing(tensor.device.type)
 
 
+def compiler_usable(device_type: str) -> bool:
+    """Whether torch.compile can be tried on ``device_type``: a compiler is there and no compile failed."""
+    return device_type in FUSED_DEVICES and device_type not in _compile_failures and _compiler_missing(device_type) is None
+
+
+def record_compile_failure(device_type: str, error: Exception) -> None:
+    """Compiling failed on ``device_type``: from now on the compiled backends are not chosen there."""
+    _compile_failures[device_type] = str(error)
+
+
 @functools.cache
 def _compiler_missing(device_type: str) -> str | None:
     import torch._dynamo
@@ -278,7 +288,7 @@ def fused_dualadam(
             device_type = params[0].device.type
             if not fall_back:
                 raise RuntimeError(f"fused backend: torch.compile failed on {device_type}: {error}") from error
-            _compile_failures[device_type] = str(error)
+            record_compile_failure(device_type, error)
             warnings.warn(
                 f"DualAdam: torch.compile failed on {device_type}, using the foreach backend instead: {error}",
                 RuntimeWarning,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -125,7 +126,10 @@ def _step_numbers(s: StepScalars, device: torch.device) -> Tensor:
 
 
 def _update_kind(s: StepScalars) -> str:
-    """Which terms the step computes: no InvAdam work at alpha = 0, no Adam work at alpha = 1."""
+    """Which terms the step computes: no InvAdam work at alpha = 0, no Adam work at alpha = 1, no update at
+    lr = 0 (the step frameworks take to create state before loading a checkpoint changes no parameter)."""
+    if s.lr == 0.0:
+        return "no_update"
     if s.rescale_inv and s.alpha != 0.0:
         return "rescaled"
     if s.alpha == 0.0:
@@ -162,6 +166,8 @@ def _step_one(
     # m_hat = m / bc1, whose 1 / bc1 the step size numbers[1] carries
     sqrt_v_hat = v.sqrt() / numbers[2]
     alpha = numbers[4]
+    if kind == "no_update":  # lr = 0: the moments move, the parameter does not (0 * update could be NaN)
+        return
     if kind == "adam":
         update = m / (sqrt_v_hat + numbers[3])
     elif kind == "invadam":
@@ -197,7 +203,8 @@ def lowbit_backend(
     stochastic_round: bool,
 ) -> None:
     """The backend of the low-bit optimizers (the signature of ``kernels``' backends): ``_step_one`` per
-    parameter, compiled or eager."""
+    parameter, compiled or eager. If compiling fails (before the step writes anything), warn once and step
+    eagerly from then on, as the fused backend falls back to foreach."""
     step = _compiled_step() if compiled else _step_one
     numbers = _step_numbers(s, params[0].device)
     kind = _update_kind(s)
@@ -206,10 +213,25 @@ def lowbit_backend(
         # looked up here, not in the compiled function: dynamo cannot trace the import behind it
         round_to_bf16 = _torchao_optim().quant_utils._fp32_to_bf16_sr
     # Every shape compiles once; the limit on recompiles is for functions whose inputs should not vary.
+    from torch._dynamo.exc import BackendCompilerFailed
+
     with torch._dynamo.utils.disable_cache_limit():
         for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
             # detach: compiling with FSDP2's DTensor parameters fails otherwise (torchao issue 652)
-            step(param.detach(), grad, exp_avg, exp_avg_sq, numbers, s.beta1, s.beta2, s.maximize, kind, round_to_bf16)
+            arguments = (param.detach(), grad, exp_avg, exp_avg_sq, numbers, s.beta1, s.beta2, s.maximize, kind,
+                         round_to_bf16)
+            try:
+                step(*arguments)
+            except BackendCompilerFailed as error:
+                device_type = param.device.type
+                fused_backend.record_compile_failure(device_type, error)
+                warnings.warn(
+                    f"low-bit DualAdam: torch.compile failed on {device_type}, stepping eagerly instead: {error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                step = _step_one
+                step(*arguments)
 
 
 class _LowBitDualAdam(DualAdam):
@@ -292,7 +314,7 @@ class _LowBitDualAdam(DualAdam):
         device_type = entries[0][0].device.type
         compiled = self.compiled
         if compiled is None:  # torch.compile's C++ (CPU) or Triton (CUDA), as the fused backend needs
-            compiled = device_type in fused_backend.FUSED_DEVICES and fused_backend._compiler_missing(device_type) is None
+            compiled = fused_backend.compiler_usable(device_type)
         return functools.partial(lowbit_backend, compiled=compiled, stochastic_round=self.bf16_stochastic_round)
 
 

@@ -33,7 +33,7 @@ def optimizer_summary(args: Any) -> list[str]:
         block_size = settings.block_size or DEFAULT_BLOCK_SIZE[LOW_BIT[name]]
         rounding = ", bf16 weights rounded stochastically" if settings.bf16_stochastic_round else ""
         lines.append(f"  state: exp_avg and exp_avg_sq {LOW_BIT[name]} block-wise (block {block_size}; tensors under "
-                     f"{QUANTIZE_MIN_NUMEL} elements stay fp32), torchao{rounding}")
+                     f"{QUANTIZE_MIN_NUMEL} elements keep the parameter's dtype), torchao{rounding}")
     if name.startswith("invadam"):
         return lines + ["  alpha = 1 at every step (pure InvAdam)"]
     if settings.schedule == "linear" and settings.switch_ratio is not None:

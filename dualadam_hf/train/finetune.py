@@ -142,7 +142,10 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int) -> tuple[Any
 
     if is_builtin(model_args.model_name_or_path):
         tokenizer = load_tiny_tokenizer()
-        return build_tiny_llama(tokenizer, seed=seed), tokenizer
+        model = build_tiny_llama(tokenizer, seed=seed)
+        if model_args.attn_implementation is not None:
+            model.set_attn_implementation(model_args.attn_implementation)
+        return model, tokenizer
 
     import torch
 

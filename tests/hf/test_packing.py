@@ -117,6 +117,40 @@ def test_the_openpangu_fixture_packed_equals_one_by_one(tiny_openpangu, data):
     assert_logits_equal_one_by_one(model, batch)
 
 
+def tiny_mistral(sliding_window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=3000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window,
+                           attn_implementation="sdpa")
+    return MistralForCausalLM(config).eval()
+
+
+def test_a_sliding_window_model_keeps_sdpa_and_its_window(data):
+    """packed_sdpa attends to the whole past of each example; a sliding window must not lose its window."""
+    model = tiny_mistral(sliding_window=4)
+    assert packing.prepare_for_packing(model) == "sdpa"  # the block-diagonal mask, with the window
+    assert_logits_equal_one_by_one(model, examples(data))
+    packing.register()
+    model.set_attn_implementation(PACKED_SDPA)
+    with pytest.raises(PackingError, match="packed_sdpa attends to the whole past, but mistral uses a sliding window"):
+        packing.prepare_for_packing(model)
+    assert packing.attends_fully(tiny_mistral(sliding_window=None).config)
+
+
+def test_packed_sdpa_can_be_named_when_loading(tiny_openpangu, data):
+    import dualadam_hf  # noqa: F401  (registers packed_sdpa, as it registers the optimizers)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_openpangu, dtype=torch.float32, attn_implementation=PACKED_SDPA)
+    assert packing.attention_of(loaded) == PACKED_SDPA
+    assert packing.prepare_for_packing(loaded) == PACKED_SDPA
+    reference = AutoModelForCausalLM.from_pretrained(tiny_openpangu, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.tensor([[5, 17, 33, 8, 41, 2, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, reference.eval()(ids).logits, rtol=0, atol=1e-6)
+
+
 def test_eager_with_the_cache_on_is_made_safe(tokenizer, data):
     model = build_tiny_llama(tokenizer, seed=0).eval()
     model.set_attn_implementation("eager")
@@ -190,6 +224,9 @@ def test_evaluation_equals_the_padded_one_before_and_after_ten_steps(tmp_path, t
     assert packed_metrics["train_padding_share"] == pytest.approx(padded_metrics["train_padding_share"])
     assert 0.1 < packed_metrics["train_padding_share"] < 0.9
     assert packed_metrics["train_nonpad_tokens_per_second"] > 0
+    # logged, so that every reporter (TensorBoard, W&B) sees them, not only train_results.json
+    logged = [entry for entry in packed.state.log_history if "train_padding_share" in entry]
+    assert len(logged) == 1 and logged[0]["train_nonpad_tokens"] == packed_metrics["train_nonpad_tokens"]
 
 
 def trained_weights(trainer) -> torch.Tensor:
@@ -263,7 +300,9 @@ def test_unpacked_batches_through_packed_sdpa_are_plain_sdpa(tokenizer, data):
 
 def test_evaluation_rows_are_one_per_example_as_when_padded(tokenizer, data):
     """The evaluation loop gathers rows across processes and drops the duplicated examples of the last
-    batch by counting rows: a packed batch must give one row per example, equal to the padded row."""
+    batch by counting rows: a packed batch must give one row per example, equal to the padded row. (That
+    the gathered whole-set measures agree under two processes with an uneven last batch is
+    tests/train/test_distributed.py's test_two_processes_train_like_one.)"""
     from dualadam_hf.hf.metrics import per_example_stats
 
     model, batch = tiny_model(tokenizer, "sdpa"), examples(data)

@@ -58,3 +58,11 @@ def test_inv_share_is_zero_after_the_switch_and_one_for_invadam():
         optimizer.step()
         assert inv_share(*inv_share_sums(optimizer)) == pytest.approx(share)
     assert inv_share(0.0, 0.0) is None
+
+
+def test_plain_state_is_read_in_place_not_copied():
+    # dequantize() would copy a bf16 state tensor whole, in fp32, past the chunk bound
+    from dualadam_hf.optim.diagnostics import _local
+
+    state = torch.zeros(8, 8, dtype=torch.bfloat16)
+    assert _local(state) is state

@@ -212,14 +212,53 @@ def test_save_reload_weights_only_and_continue_is_bit_exact(state_format):
         assert torch.equal(p, q)
 
 
-def test_lr_zero_changes_no_parameter():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_lr_zero_changes_no_parameter(compiled):
     params = make_params()
     before = [p.detach().clone() for p in params]
-    optimizer = DualAdam8bit(params, lr=0.0, compiled=False)
+    optimizer = DualAdam8bit(params, lr=0.0, compiled=compiled)
     for p, g in zip(params, make_grads(1)[0]):
         p.grad = g
     optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # the step frameworks take to create state before loading a checkpoint: zero gradients, lr 0; with
+    # eps = 0 the update is 0 / 0, which must not reach the parameters
+    zero_eps = DualAdam8bit(params, lr=0.0, eps=0.0, compiled=compiled)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    zero_eps.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from dualadam_hf.optim import fused
+
+    def failing_compile():
+        def step(*args):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("no compiler today"), None)
+
+        return step
+
+    monkeypatch.setattr(lowbit, "_compiled_step", failing_compile)
+    monkeypatch.setattr(fused, "_compile_failures", {})
+
+    def train(compiled):
+        params = make_params()
+        optimizer = DualAdam8bit(params, **HYPER, switch_rate=0.25, compiled=compiled)
+        for step_grads in make_grads(3):
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            optimizer.step()
+        return params
+
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on cpu, stepping eagerly instead") as caught:
+        fallen_back = train(compiled=None)
+    assert len(caught) == 1
+    assert not fused.compiler_usable("cpu")  # later steps, and other optimizers, do not try again
+    for p, q in zip(fallen_back, train(compiled=False)):
+        assert torch.equal(p, q)
 
 
 def test_inv_share_reads_the_dequantized_moments():
