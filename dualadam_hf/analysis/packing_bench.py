@@ -92,13 +92,13 @@ def tiny_case() -> tuple[Callable[[], torch.nn.Module], list[dict], int, int]:
 
 def openpangu_case(directory: Path) -> tuple[Callable[[], torch.nn.Module], list[dict], int, int]:
     """The openPangu-format fixture with Alpaca-GPT4-CN lengths, 1024 tokens at most (the recipe's)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from dualadam_hf.models.openpangu_fixture import write_tiny_openpangu
 
     checkpoint = write_tiny_openpangu(directory / "tiny-openPangu-Embedded")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    examples = alpaca_gpt4_like_examples(256, model.config.vocab_size, max_seq_length=1024)
+    vocab_size = AutoConfig.from_pretrained(checkpoint).vocab_size
+    examples = alpaca_gpt4_like_examples(256, vocab_size, max_seq_length=1024)
     return (lambda: AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)), examples, 4, 0
 
 

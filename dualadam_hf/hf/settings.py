@@ -30,7 +30,8 @@ OPTIMIZERS: dict[str, type[DualAdam]] = {
     "invadam_8bit": InvAdam8bit,
     "invadam_4bit": InvAdam4bit,
 }
-LOW_BIT = {"dualadam_8bit": "8bit", "dualadam_4bit": "4bit", "invadam_8bit": "8bit", "invadam_4bit": "4bit"}
+# optim name -> state format ("8bit", "4bit"), for the low-bit ones: what their classes say
+LOW_BIT = {name: cls.state_format for name, cls in OPTIMIZERS.items() if getattr(cls, "state_format", "")}
 
 
 def _float(value: str) -> float:
@@ -178,7 +179,7 @@ class OptimSettings:
     def optimizer_kwargs(self, total_steps: int | None) -> dict[str, Any]:
         """The keyword arguments the settings give the optimizer, with switch_ratio turned into switch_rate
         (``1 / (switch_ratio * total_steps)``)."""
-        scheduled = "schedule" in KEYS_BY_OPTIMIZER[self.optimizer]  # DualAdam's family, not InvAdam's
+        scheduled = has_schedule(self.optimizer)
         kwargs: dict[str, Any] = dict(schedule=self.schedule, inv_scale=self.inv_scale) if scheduled else {}
         for key in ("switch_rate", "switch_base", "switch_step", "block_size", "bf16_stochastic_round"):
             if getattr(self, key) is not None:
@@ -191,6 +192,12 @@ class OptimSettings:
                 )
             kwargs["switch_rate"] = 1.0 / (self.switch_ratio * total_steps)
         return kwargs
+
+
+def has_schedule(optimizer: str) -> bool:
+    """Whether ``optimizer`` (a name of ``OPTIMIZERS``) blends on an alpha schedule: DualAdam's family, not
+    InvAdam's (alpha = 1 at every step)."""
+    return "schedule" in KEYS_BY_OPTIMIZER[optimizer]
 
 
 def settings_of(args: Any) -> OptimSettings:

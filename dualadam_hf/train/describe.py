@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dualadam_hf.hf.settings import LOW_BIT, settings_of
+from dualadam_hf.hf.settings import LOW_BIT, has_schedule, settings_of
 from dualadam_hf.optim.lowbit import DEFAULT_BLOCK_SIZE, QUANTIZE_MIN_NUMEL
 from dualadam_hf.models.loading import first_line  # noqa: F401  (the apps' one-line errors)
 
@@ -34,7 +34,7 @@ def optimizer_summary(args: Any) -> list[str]:
         rounding = ", bf16 weights rounded stochastically" if settings.bf16_stochastic_round else ""
         lines.append(f"  state: exp_avg and exp_avg_sq {LOW_BIT[name]} block-wise (block {block_size}; tensors under "
                      f"{QUANTIZE_MIN_NUMEL} elements keep the parameter's dtype), torchao{rounding}")
-    if name.startswith("invadam"):
+    if not has_schedule(name):
         return lines + ["  alpha = 1 at every step (pure InvAdam)"]
     if settings.schedule == "linear" and settings.switch_ratio is not None:
         ratio = settings.switch_ratio
