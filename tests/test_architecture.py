@@ -5,6 +5,7 @@ training process."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,22 @@ def test_importing_the_package_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import dualadam_hf"], capture_output=True, text=True,
                             timeout=300, cwd=ROOT)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr[-2000:]
+
+
+def test_triton_stays_optional():
+    """Only the kernel modules import Triton at their top, and nothing imports them at its top: without
+    Triton (it has wheels for Linux only) the package imports and DualAdam steps on the CPU."""
+    at_top = {name for name in MODULES if "triton" in {target.split(".")[0] for target in top_level_imports(name)}}
+    assert at_top and all(name.startswith("dualadam_hf.optim.triton") and name.endswith("kernels") for name in at_top)
+    for name in set(MODULES) - at_top:
+        assert not at_top & top_level_imports(name), name
+    blocked = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from dualadam_hf import DualAdam\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "DualAdam([p], lr=0.1).step(); assert p.lt(1).all()\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -1,14 +1,19 @@
 """Optimizer-step benchmark: DualAdam's backends against torch's AdamW on a transformer-shaped model.
 
-Every optimizer gets its own copy of the same tensors (an embedding, then per layer a norm vector,
-the attention q/k/v/o matrices, a norm vector and the MLP up/down matrices, then a final norm) and
-fixed gradients. The timing is interleaved in one process: each round steps every optimizer in
-turn (the order rotates between rounds), and the figure kept is the median over rounds, so that a
-noisy, shared machine slows all of them alike. The first step of each optimizer is timed apart: it
-creates the state and, for the fused backend, compiles.
+Two sets of tensor shapes (``SHAPES``): ``gpt``, a GPT-like model of a chosen size (an embedding, then
+per layer a norm vector, the attention q/k/v/o matrices, a norm vector and the MLP up/down matrices,
+then a final norm), and ``openpangu-1b``, openPangu-Embedded-1B's own 341 tensors (1.39B parameters).
+Every optimizer gets its own copy of the same parameters; all of them read one set of fixed gradients
+(no optimizer here writes ``.grad``), so a large model fits on one GPU several times over. The timing
+is interleaved in one process: each round steps every optimizer in turn (the order rotates between
+rounds), and the figure kept is the median over rounds, so that a noisy, shared machine slows all of
+them alike. The first step of each optimizer is timed apart: it creates the state and, for the fused
+backend, compiles.
 
-Effective bandwidth counts what one step must move at least: read p, g, m, v and write p, m, v,
-7 element sizes per parameter (28 bytes in float32).
+Effective bandwidth is AdamW-equivalent: it counts what an AdamW step must move at least (read p, g,
+m, v and write p, m, v: 7 element sizes of the parameter dtype per parameter, 28 bytes in float32)
+for every optimizer, also for those whose state is 8- or 4-bit and which move fewer bytes. It compares
+speeds on one scale; it is not the bytes a low-bit optimizer moves.
 """
 
 from __future__ import annotations
@@ -24,16 +29,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dualadam_hf.models.openpangu_fixture import weight_shapes
 from dualadam_hf.optim.dualadam import DualAdam, InvAdam
 from dualadam_hf.optim.lowbit import DualAdam4bit, DualAdam8bit
 
-__all__ = ["Candidate", "candidates", "device_name", "format_table", "run_benchmark", "transformer_shapes"]
+__all__ = [
+    "Candidate", "SHAPES", "OPENPANGU_1B", "candidates", "device_name", "format_table", "model_shapes", "run_benchmark",
+    "transformer_shapes",
+]
 
-ACCESSES_PER_PARAM = 7  # read p, g, m, v; write p, m, v
+ACCESSES_PER_PARAM = 7  # AdamW's: read p, g, m, v; write p, m, v
 LR = 1e-3
 WEIGHT_DECAY = 0.01  # torch AdamW's default, given to every optimizer (decoupled everywhere)
 BLENDING_SWITCH_RATE = 1e-7  # alpha stays strictly between 0 and 1 for the whole benchmark
 SWITCHED_RATE = 1.0  # alpha = max(0, 1 - t) = 0 from the first step on
+
+SHAPES = ("gpt", "openpangu-1b")
+OPENPANGU_1B = dict(
+    vocab_size=153_376, hidden_size=1536, intermediate_size=6144, num_hidden_layers=26, num_attention_heads=12,
+    num_key_value_heads=6,
+)
+"""openPangu-Embedded-1B's published config.json sizes (head dim 1536 / 12 = 128)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,7 @@ def candidates() -> list[Candidate]:
         Candidate("AdamW foreach", lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=True)),
         Candidate("DualAdam fused, blending", lambda ps: DualAdam(ps, **blending, fused=True)),
         Candidate("DualAdam fused, after switch", lambda ps: DualAdam(ps, **switched, fused=True)),
+        Candidate("DualAdam default, blending", lambda ps: DualAdam(ps, **blending)),
         Candidate("DualAdam foreach, blending", lambda ps: DualAdam(ps, **blending, foreach=True)),
         Candidate("DualAdam foreach, after switch", lambda ps: DualAdam(ps, **switched, foreach=True)),
         Candidate("DualAdam foreach, blending, inv_scale=adam_rms",
@@ -112,6 +129,23 @@ def transformer_shapes(num_params: int, vocab_size: int = 32_000) -> list[tuple[
     return shapes
 
 
+def model_shapes(shape: str, num_params: int) -> list[tuple[int, ...]]:
+    """The tensor shapes of ``shape`` (one of ``SHAPES``); ``num_params`` sizes ``gpt`` only."""
+    if shape == "gpt":
+        return transformer_shapes(num_params)
+    if shape == "openpangu-1b":
+        return list(weight_shapes(OPENPANGU_1B).values())
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def _triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -138,6 +172,14 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def _normal(
+    shapes: list[tuple[int, ...]], scale: float, seed: int, device: torch.device, dtype: torch.dtype
+) -> list[Tensor]:
+    # drawn on the device itself: a 1.4B-parameter set never passes through host memory
+    generator = torch.Generator(device).manual_seed(seed)
+    return [torch.randn(shape, generator=generator, device=device, dtype=dtype).mul_(scale) for shape in shapes]
+
+
 def run_benchmark(
     num_params: int = 30_000_000,
     device: str | torch.device = "cpu",
@@ -146,15 +188,18 @@ def run_benchmark(
     steps: int = 5,
     names: list[str] | None = None,
     seed: int = 0,
+    shape: str = "gpt",
 ) -> dict:
-    """Time one optimizer step of every candidate (or of those in ``names``).
+    """Time one optimizer step of every candidate (or of those in ``names``) on ``shape``'s tensors.
 
-    Returns a dict with ``device``, ``device_name``, ``dtype``, ``num_params``, ``num_tensors``,
-    ``threads``, ``torch``, ``rounds``, ``steps_per_round`` and ``results``: one dict per optimizer,
-    in candidate order, with ``name``, ``ms_per_step`` (median over rounds), ``gb_per_s`` (effective,
-    7 element sizes per parameter), ``vs_adamw_fused`` and ``vs_adamw_foreach`` (ratios of
-    ms_per_step, None when that AdamW was not run), ``first_step_s`` (state creation, plus the
-    compile for fused backends) and ``compiles`` (graphs torch.compile built in that first step).
+    Returns a dict with ``shape``, ``device``, ``device_name``, ``dtype``, ``num_params``, ``num_tensors``,
+    ``threads``, ``torch``, ``cuda`` (``torch.version.cuda`` on a CUDA device, else None), ``triton``
+    (its version, None when not installed), ``rounds``, ``steps_per_round`` and ``results``: one dict per
+    optimizer, in candidate order, with ``name``, ``ms_per_step`` (median over rounds), ``gb_per_s``
+    (AdamW-equivalent: 7 element sizes per parameter, see the module docstring), ``vs_adamw_fused`` and
+    ``vs_adamw_foreach`` (ratios of ms_per_step, None when that AdamW was not run), ``first_step_s``
+    (state creation, plus the compile for fused backends) and ``compiles`` (graphs torch.compile built
+    in that first step).
     """
     device = torch.device(device)
     chosen = [c for c in candidates() if names is None or c.name in names]
@@ -162,18 +207,17 @@ def run_benchmark(
         known = ", ".join(c.name for c in candidates())
         missing = sorted(set(names) - {c.name for c in chosen})
         raise ValueError(f"unknown or unavailable optimizers {missing}; known here: {known}")
-    shapes = transformer_shapes(num_params)
-    generator = torch.Generator().manual_seed(seed)
-    initial = [torch.randn(shape, generator=generator) * 0.02 for shape in shapes]
-    gradients = [torch.randn(shape, generator=generator) * 1e-2 for shape in shapes]
+    shapes = model_shapes(shape, num_params)
+    gradients = _normal(shapes, 1e-2, seed + 1, device, dtype)
 
     optimizers = {}
     first_step_s = {}
     compiles = {}
     for candidate in chosen:
-        params = [torch.nn.Parameter(t.to(device, dtype)) for t in initial]
+        # the same values for every optimizer, drawn again rather than copied: no spare set in device memory
+        params = [torch.nn.Parameter(t) for t in _normal(shapes, 0.02, seed, device, dtype)]
         for p, g in zip(params, gradients):
-            p.grad = g.to(device, dtype)
+            p.grad = g
         optimizer = candidate.make(params)
         graphs = _compiled_graphs()
         _synchronize(device)
@@ -197,7 +241,7 @@ def run_benchmark(
             _synchronize(device)
             samples[name].append((time.perf_counter() - start) / steps)
 
-    numel = sum(t.numel() for t in initial)
+    numel = sum(g.numel() for g in gradients)
     bytes_per_step = ACCESSES_PER_PARAM * torch.empty((), dtype=dtype).element_size() * numel
     median_s = {name: statistics.median(times) for name, times in samples.items()}
 
@@ -217,6 +261,7 @@ def run_benchmark(
         for name in optimizers
     ]
     return dict(
+        shape=shape,
         device=str(device),
         device_name=device_name(device),
         dtype=str(dtype).removeprefix("torch."),
@@ -224,6 +269,8 @@ def run_benchmark(
         num_tensors=len(shapes),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        cuda=torch.version.cuda if device.type == "cuda" else None,
+        triton=_triton_version(),
         rounds=rounds,
         steps_per_round=steps,
         results=results,
@@ -236,10 +283,13 @@ def format_table(report: dict) -> str:
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    versions = f"torch {report['torch']}" + "".join(
+        f", {name} {report[name]}" for name in ("cuda", "triton") if report[name] is not None
+    )
     setup = (
-        f"{report['num_params'] / 1e6:.1f}M params in {report['num_tensors']} tensors, {report['dtype']}, "
-        f"{report['device']} ({report['device_name']}), {report['threads']} threads, torch {report['torch']}, "
-        f"median of {report['rounds']} rounds x {report['steps_per_round']} steps"
+        f"{report['shape']}: {report['num_params'] / 1e6:.1f}M params in {report['num_tensors']} tensors, "
+        f"{report['dtype']}, {report['device']} ({report['device_name']}), {report['threads']} threads, {versions}, "
+        f"median of {report['rounds']} rounds x {report['steps_per_round']} steps; GB/s as AdamW would move"
     )
     width = max([len("optimizer")] + [len(row["name"]) for row in report["results"]])
     header = (

@@ -165,9 +165,8 @@ def _model_config(vocab_size: int, eos_id: int, shape: dict) -> dict:
     }
 
 
-def _weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights under the published names; biases non-zero so that a dropped bias changes the logits."""
-    generator = torch.Generator().manual_seed(seed)
+def weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The parameters' published names and shapes for a ``config.json``'s sizes (untied lm_head, bias on q/k/v/o)."""
     hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = hidden // heads
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
@@ -184,9 +183,15 @@ def _weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
         shapes[f"{prefix}.post_attention_layernorm.weight"] = (hidden,)
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
 
+
+def _weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the published names; biases non-zero so that a dropped bias changes the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
     weights = {}
-    for name, shape in shapes.items():
+    for name, shape in weight_shapes(config).items():
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
             tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:

@@ -3,6 +3,8 @@
 Three tiers, as torch's Adam: the classes validate arguments and hold state; ``_dispatch`` computes
 the per-step scalars once (bias corrections, alpha_t, lr * weight_decay) and picks a backend; the
 backends (single-tensor loop, foreach, fused) do element-wise arithmetic only and share one signature.
+On CUDA, ``triton_backend`` steps a param group first (``_device_step``): its numbers come from the step
+counters it keeps on the GPU, so it has its own entry point; what it does not take goes on to ``_dispatch``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dualadam_hf.optim import fused as fused_backend
+from dualadam_hf.optim import triton_backend
 from dualadam_hf.optim.kernels import (
     CALLABLE_SCHEDULE,
     StepScalars,
@@ -91,7 +94,9 @@ class DualAdam(torch.optim.Optimizer):
         inv_scale: ``"none"`` (the paper) or ``"adam_rms"`` (see above); not with ``fused=True``.
         maximize: maximise the objective instead of minimising it.
         foreach: use the multi-tensor backend (None: yes, unless ``fused`` is chosen).
-        fused: use the fused backend (None: where it is available and faster; see ``dualadam_hf.optim.fused``).
+        fused: use the fused backend: one pass over memory, compiled on CPU (``dualadam_hf.optim.fused``), a Triton
+            multi-tensor kernel on CUDA (``dualadam_hf.optim.triton_backend``). None: on CUDA always, on CPU for
+            param groups where it pays.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class DualAdam(torch.optim.Optimizer):
             fused=fused,
         )
         super().__init__(_without_empty_groups(params), defaults)
+        self._host_steps = triton_backend.HostSteps()
         if fused:
             fused_backend.check_available(self.param_groups, name)
 
@@ -147,6 +153,7 @@ class DualAdam(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_custom_schedule", None)
+        self.__dict__.setdefault("_host_steps", triton_backend.HostSteps())
         for group in self.param_groups:
             group.setdefault("fused", None)
             group.setdefault("inv_scale", "none")
@@ -163,15 +170,18 @@ class DualAdam(torch.optim.Optimizer):
     def latest_alpha(self) -> float | None:
         """alpha_t used by the latest step (the highest step in the state), or None before any step.
 
-        Derived from the saved step counters, so it is right after ``load_state_dict`` too.
+        Derived from the saved step counters, so it is right after ``load_state_dict`` too; one read per
+        device and group (the CUDA backend keeps the counters on the GPU).
         """
         latest = None
         for group in self.param_groups:
+            by_device: dict[torch.device, list[Tensor]] = {}
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state:
-                    continue
-                step = int(state["step"].item())
+                if state:
+                    by_device.setdefault(state["step"].device, []).append(state["step"])
+            for steps in by_device.values():
+                step = int(torch.stack(steps).max().item())
                 if latest is None or step > latest[0]:
                     latest = (step, group)
         if latest is None:
@@ -180,9 +190,11 @@ class DualAdam(torch.optim.Optimizer):
 
     def _init_group(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
         """(param, grad, state) for every parameter with a gradient; state is created here, lazily,
-        because ZeRO-3 and FSDP2 give parameters their final shape after the optimizer is built."""
+        because ZeRO-3 and FSDP2 give parameters their final shape after the optimizer is built. ``step``
+        is created on the parameter's device where the CUDA backend will step it, else on the CPU."""
         entries = []
         rescaled = group["inv_scale"] != "none"
+        on_device = self._device_backend_takes(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -197,11 +209,39 @@ class DualAdam(torch.optim.Optimizer):
                 )
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                device_stepped = on_device and triton_backend.takes(p)
+                device = triton_backend.local(p).device if device_stepped else "cpu"
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                 state["exp_avg"] = self._new_moment(p, signed=True)
                 state["exp_avg_sq"] = self._new_moment(p, signed=False)
+                if device_stepped:
+                    self._host_steps.created(p, state["step"])
             entries.append((p, p.grad, state))
         return entries
+
+    def _device_backend_takes(self, group: dict[str, Any]) -> bool:
+        """Whether the CUDA backend (``triton_backend``) may step this group; ``lowbit``'s optimizers step
+        their quantized state with their own backend."""
+        return triton_backend.group_takes(group)
+
+    def _device_step(self, group: dict[str, Any], entries: list) -> list:
+        """Step the entries the CUDA backend takes, one bucket per device and dtypes; return the others."""
+        buckets: dict[tuple, list] = {}
+        others = []
+        for p, grad, state in entries:
+            tensors = triton_backend.kernel_tensors(p, grad, state)
+            if tensors is None:
+                others.append((p, grad, state))
+                continue
+            shard, grad_shard, exp_avg, _ = tensors
+            step = self._host_steps.advance(p, state, shard.device)
+            key = (shard.device, shard.dtype, grad_shard.dtype, exp_avg.dtype)
+            buckets.setdefault(key, []).append((*tensors, state["step"], step))
+        for bucket in buckets.values():
+            params, grads, exp_avgs, exp_avg_sqs, steps, counts = (list(column) for column in zip(*bucket))
+            alphas = [schedule_alpha(group, count) for count in counts]
+            triton_backend.step_bucket(group, params, grads, exp_avgs, exp_avg_sqs, steps, alphas)
+        return others
 
     def _new_moment(self, p: Tensor, signed: bool) -> Tensor:
         """A zero ``exp_avg`` (signed) or ``exp_avg_sq`` for ``p``; ``lowbit``'s optimizers quantize it."""
@@ -219,6 +259,9 @@ class DualAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             entries = self._init_group(group)
+            if entries and self._device_backend_takes(group):
+                entries = self._device_step(group, entries)
+                self._host_steps.forget(p for p, _, _ in entries)  # stepped in place below, unseen by the host
             if entries:
                 _dispatch(group, entries, self._custom_schedule, self._backend(group, entries))
         return loss
@@ -264,6 +307,8 @@ def _dispatch(
     buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = {}
     for entry in entries:
         p, _, state = entry
+        if state["step"].device.type != "cpu":  # from the CUDA backend or its checkpoint: read on the host
+            state["step"] = state["step"].cpu()
         state["step"] += 1
         key = (type(p), p.device, p.dtype, int(state["step"].item()))
         buckets.setdefault(key, []).append(entry)
@@ -271,10 +316,12 @@ def _dispatch(
     beta1, beta2 = group["betas"]
     for (_, _, _, step), bucket in buckets.items():
         scalars = StepScalars(
+            step=step,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
+            weight_decay=group["weight_decay"],
             decay=1.0 - group["lr"] * group["weight_decay"],
             alpha=schedule_alpha(group, step, custom_schedule),
             bias_correction1=1.0 - beta1**step,

@@ -19,9 +19,9 @@ Compiles are bounded, whatever the model: one graph per kernel kind, device and 
   last chunk is padded with two-element scratch tensors. Dynamo specialises sizes 0 and 1, so
   tensors of fewer than two elements, and tensors that are not contiguous (no 1-D alias), take the
   single-tensor backend.
-- Three kernels, picked in Python from alpha_t: a blend for 0 < alpha < 1, an Adam-only kernel for
-  alpha = 0 (no InvAdam work once the switch is done) and an InvAdam-only kernel for alpha = 1.
-  A DualAdam run on one dtype compiles two graphs (blend, then Adam after the switch), InvAdam one.
+- Two kernels, picked in Python from alpha_t: a blend for 0 < alpha < 1 and an InvAdam-only kernel for
+  alpha = 1. Once alpha = 0 the step is AdamW's arithmetic and torch's own fused AdamW
+  (``torch._fused_adamw_``) does it, so that phase costs what torch's costs.
 - A step with lr = 0 writes no parameter and only advances m and v; it takes the single-tensor
   backend, because frameworks take such a step once (the state-creating step before a checkpoint
   load, the first step of a warm-up from 0) and it is not worth a compile.
@@ -33,10 +33,9 @@ When ``fused=None`` picks this backend (``preferred``), and why:
 - CPU, for param groups of at least ``FUSED_MIN_NUMEL`` elements. The first steps pay the compiles
   (~16 s cold for a DualAdam run on a 2-vCPU machine): worth it for models that train for thousands of
   steps, not for tiny models and test runs (docs/benchmarks.md).
-- Not CUDA, by default: every tensor is still a kernel launch and a few microseconds of host time,
-  where torch's foreach and fused kernels serve many tensors per launch, so a model of many small
-  tensors may lose. Not measured yet: ``fused=True`` runs the compiled kernels on CUDA (Triton), and
-  ``scripts/bench_optimizer.py --device cuda`` gives the figures to decide the default from.
+- On CUDA, ``triton_backend`` does the fused step (one hand-written Triton launch per bucket rather than
+  one compiled call per chunk); ``fused=True`` there selects it, and this module serves only the tensors
+  it does not take.
 - float32, bfloat16 and float16 only: the kernels compute in float32, which would lose float64's
   precision.
 - A compiler that works: a C++ compiler for inductor on CPU, Triton and compute capability >= 7 on
@@ -178,12 +177,6 @@ def _blend_kernel(tensors: list[Tensor], s: Tensor) -> None:
         _store(param, exp_avg, exp_avg_sq, m * (root * s[6] + s[7] / (root + s[5])), m, v, s)
 
 
-def _adam_kernel(tensors: list[Tensor], s: Tensor) -> None:
-    for param, grad, exp_avg, exp_avg_sq in _quadruples(tensors):
-        m, v, root = _moments(grad, exp_avg, exp_avg_sq, s)
-        _store(param, exp_avg, exp_avg_sq, m * s[7] / (root + s[5]), m, v, s)
-
-
 def _invadam_kernel(tensors: list[Tensor], s: Tensor) -> None:
     for param, grad, exp_avg, exp_avg_sq in _quadruples(tensors):
         m, v, root = _moments(grad, exp_avg, exp_avg_sq, s)
@@ -207,17 +200,26 @@ def _kernel_scalars(s: StepScalars) -> list[float]:
 
 @functools.cache
 def compiled_kernel(kind: str) -> Callable[..., None]:
-    """The compiled kernel for ``kind`` in ("blend", "adam", "invadam"); compiled on its first call."""
-    kernel = {"blend": _blend_kernel, "adam": _adam_kernel, "invadam": _invadam_kernel}[kind]
+    """The compiled kernel for ``kind`` in ("blend", "invadam"); compiled on its first call."""
+    kernel = {"blend": _blend_kernel, "invadam": _invadam_kernel}[kind]
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
 def _kernel_kind(alpha: float) -> str:
-    if alpha == 0.0:
-        return "adam"
-    if alpha == 1.0:
-        return "invadam"
-    return "blend"
+    return "invadam" if alpha == 1.0 else "blend"
+
+
+def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], s: StepScalars) -> None:
+    """The step once alpha_t = 0: AdamW's arithmetic, so torch's own fused AdamW does it (it reads the step
+    from ``state_steps`` and advances nothing; one tensor of the bucket's step serves them all). Contiguous
+    tensors only: on CPU it walks a parameter and its gradient as if their strides were the same, and a
+    transposed parameter with a contiguous gradient is silently updated with the wrong elements (torch 2.13)."""
+    step = torch.tensor(float(s.step), dtype=torch.float32, device=params[0].device)
+    torch._fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params),
+        lr=s.lr, beta1=s.beta1, beta2=s.beta2, weight_decay=s.weight_decay, eps=s.eps, amsgrad=False,
+        maximize=s.maximize,
+    )
 
 
 def _flattens(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
@@ -264,13 +266,15 @@ def fused_dualadam(
     if s.lr == 0.0:
         _single_tensor_dualadam(params, grads, exp_avgs, exp_avg_sqs, s)
         return
-
     flat, leftover = [], []
     for quadruple in zip(params, grads, exp_avgs, exp_avg_sqs):
         (flat if _flattens(*quadruple) else leftover).append(quadruple)
     if leftover:
         _single_tensor_dualadam(*(list(column) for column in zip(*leftover)), s)
     if not flat:
+        return
+    if s.alpha == 0.0:
+        adamw(*(list(column) for column in zip(*flat)), s)
         return
 
     kernel = compiled_kernel(_kernel_kind(s.alpha))

@@ -28,10 +28,12 @@ CALLABLE_SCHEDULE = "callable"
 class StepScalars:
     """Everything a backend needs besides the tensors, computed once per step and bucket."""
 
+    step: int  # t, counted from 1
     lr: float
     beta1: float
     beta2: float
     eps: float
+    weight_decay: float
     decay: float  # 1 - lr * weight_decay, decoupled as in AdamW
     alpha: float
     bias_correction1: float

@@ -16,6 +16,13 @@ an optimizer whose update rule is not Adam's, so the classes here are DualAdam w
   moments back quantized. It is compiled per tensor shape as torchao's Adam step is (the per-step numbers
   enter as one fp32 tensor, so they do not recompile), or runs eagerly where no compiler works.
 
+On CUDA, 8-bit and 4-bit state take Triton kernels instead, with the same arithmetic and the same state:
+``triton_lowbit`` steps every quantized tensor of a bucket in one launch, reading and writing torchao's
+codes and scales in place, and the tensors with plain state take ``triton_backend`` (torch's fused AdamW
+once alpha_t = 0). Left to the per-tensor step: FP8 state, block sizes that are not a power of two,
+``inv_scale="adam_rms"``, callable schedules, ``fused=False``, and, with ``bf16_stochastic_round``, bf16
+parameters with plain state (the plain kernel rounds to nearest).
+
 Nothing here imports torchao until an optimizer is built: ``import dualadam_hf`` works without it.
 """
 
@@ -32,6 +39,7 @@ import torch
 from torch import Tensor
 
 from dualadam_hf.optim import fused as fused_backend
+from dualadam_hf.optim import triton_backend, triton_lowbit
 from dualadam_hf.optim.dualadam import DualAdam
 from dualadam_hf.optim.kernels import StepScalars
 
@@ -46,6 +54,8 @@ QUANTIZE_MIN_NUMEL = 4096
 INSTALL_HINT = "pip install 'dualadam_hf[lowbit]' (torchao>=0.18,<0.19)"
 # torchao's block sizes, per state format: one fp32 scale per block
 DEFAULT_BLOCK_SIZE = {"8bit": 256, "4bit": 128, "fp8": 256}
+# bits per code of the formats the CUDA kernel (``triton_lowbit``) steps; FP8 state is stepped per tensor
+KERNEL_BITS = {"8bit": 8, "4bit": 4}
 
 
 def missing_dependency() -> str | None:
@@ -245,7 +255,9 @@ class _LowBitDualAdam(DualAdam):
         bf16_stochastic_round: write bf16 parameters with stochastic rounding (torchao's), so that updates
             smaller than bf16's resolution are kept on average instead of lost.
         compiled: compile the per-tensor step (None: where a compiler works; False: eager, slower, same math).
-        fused: refused if True: the quantized state has its own compiled step.
+        fused: None: Triton kernels on CUDA for 8-bit and 4-bit state (``triton_lowbit``), the per-tensor
+            step elsewhere; False: the per-tensor step everywhere; True is refused (the quantized state has
+            backends of its own).
     """
 
     state_format: str = ""
@@ -273,7 +285,8 @@ class _LowBitDualAdam(DualAdam):
         if fused:
             raise ValueError(
                 f"{name}: fused=True is not available: the quantized state is dequantized, updated and re-quantized "
-                "per tensor by a compiled step of its own; leave fused unset"
+                "by backends of its own (a Triton kernel on CUDA, a compiled step per tensor elsewhere); "
+                "leave fused unset"
             )
         block_size = DEFAULT_BLOCK_SIZE[self.state_format] if block_size is None else block_size
         check_block_size(block_size, self.state_format, name)
@@ -284,7 +297,7 @@ class _LowBitDualAdam(DualAdam):
         super().__init__(
             params, lr, betas, eps, weight_decay, switch_rate,
             schedule=schedule, switch_base=switch_base, switch_step=switch_step, inv_scale=inv_scale,
-            maximize=maximize,
+            maximize=maximize, fused=fused,
         )
         # per optimizer, as torchao's: a state tensor keeps the block size it was created with
         self.block_size = block_size
@@ -309,6 +322,37 @@ class _LowBitDualAdam(DualAdam):
             moment, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
         )
         return wrapped.to(p.device)
+
+    def _device_backend_takes(self, group: dict[str, Any]) -> bool:
+        """CUDA kernels for 8-bit and 4-bit state in blocks of a power of two (the kernel's tile)."""
+        block = self.block_size
+        return self.state_format in KERNEL_BITS and block & (block - 1) == 0 and triton_backend.group_takes(group)
+
+    def _device_step(self, group: dict[str, Any], entries: list) -> list:
+        """Quantized state: one ``triton_lowbit`` launch per bucket (device, dtypes, block size); plain state:
+        ``DualAdam``'s CUDA backend. Returns the entries neither takes."""
+        bits = KERNEL_BITS[self.state_format]
+        stochastic = self.bf16_stochastic_round
+        buckets: dict[tuple, list] = {}
+        plain, others = [], []
+        for p, grad, state in entries:
+            exp_avg, exp_avg_sq = triton_backend.local(state["exp_avg"]), triton_backend.local(state["exp_avg_sq"])
+            if not is_quantized(exp_avg):
+                # the plain kernel rounds bf16 to nearest: stochastic rounding stays with the per-tensor step
+                (others if stochastic and p.dtype == torch.bfloat16 else plain).append((p, grad, state))
+                continue
+            shard, grad_shard = triton_backend.local(p), triton_backend.local(grad)
+            takes = triton_backend.takes(p) and triton_lowbit.takes_state(shard, grad_shard, exp_avg, exp_avg_sq, bits)
+            if not takes:
+                others.append((p, grad, state))
+                continue
+            self._host_steps.advance(p, state, shard.device)
+            key = (shard.device, shard.dtype, grad_shard.dtype, exp_avg.block_size)
+            buckets.setdefault(key, []).append((shard, grad_shard, exp_avg, exp_avg_sq, state["step"]))
+        for bucket in buckets.values():
+            params, grads, exp_avgs, exp_avg_sqs, steps = (list(column) for column in zip(*bucket))
+            triton_lowbit.step_bucket(group, params, grads, exp_avgs, exp_avg_sqs, steps, stochastic_round=stochastic)
+        return others + super()._device_step(group, plain)
 
     def _backend(self, group: dict[str, Any], entries: list) -> Callable[..., None]:
         device_type = entries[0][0].device.type

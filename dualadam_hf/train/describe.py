@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from dualadam_hf.hf.settings import LOW_BIT, has_schedule, settings_of
+from dualadam_hf.optim import triton_backend
 from dualadam_hf.optim.lowbit import DEFAULT_BLOCK_SIZE, QUANTIZE_MIN_NUMEL
 from dualadam_hf.models.loading import first_line  # noqa: F401  (the apps' one-line errors)
 
@@ -56,7 +59,28 @@ def optimizer_summary(args: Any) -> list[str]:
         lines.append(
             "  inv_scale adam_rms: the InvAdam term is rescaled, per tensor, to the Adam term's norm (not in the paper)"
         )
-    return lines
+    device_type = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    return lines + [f"  step: {step_backend(name, settings.inv_scale, device_type)}"]
+
+
+def step_backend(name: str, inv_scale: str, device_type: str) -> str:
+    """Which backend steps the parameters of a run on ``device_type`` (DualAdam's ``_init_group`` decides for
+    each tensor; this is what it decides for a model's ordinary ones)."""
+    state_format = LOW_BIT.get(name)
+    if device_type != "cuda":
+        if state_format:
+            return "on CPU, a compiled step per tensor"
+        return "on CPU, foreach; the compiled kernel for param groups of 10M elements or more"
+    kernels = triton_backend.available("cuda")
+    if state_format:
+        if state_format == "fp8" or not kernels or inv_scale == "adam_rms":
+            return "a compiled step per tensor on CUDA"
+        return "one Triton launch per param group and dtype on CUDA, over torchao's codes and scales"
+    if not kernels:
+        return "foreach on CUDA (the Triton kernel needs Triton and a GPU of compute capability 7.0 or more)"
+    if inv_scale == "adam_rms":
+        return "foreach on CUDA (inv_scale adam_rms needs each whole tensor's norm)"
+    return "one Triton launch per param group and dtype on CUDA (torch's fused AdamW once alpha = 0)"
 
 
 def run_lines(args: Any, unit: str) -> list[str]:

@@ -57,6 +57,27 @@ def test_the_dry_run_describes_low_bit_state_and_the_schedule_it_keeps(optimizer
         assert "schedule linear" not in out  # alpha never leaves 1
 
 
+def test_the_dry_run_says_which_backend_steps(capsys):
+    assert finetune([TINY, "--dry_run", "true", "--use_cpu", "true"]) == 0
+    assert "step: on CPU, foreach; the compiled kernel for param groups of 10M elements or more" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,inv_scale,triton,expected", [
+    ("dualadam", "none", True, "one Triton launch per param group and dtype on CUDA (torch's fused AdamW once"),
+    ("dualadam", "adam_rms", True, "foreach on CUDA (inv_scale adam_rms"),
+    ("dualadam", "none", False, "foreach on CUDA (the Triton kernel needs Triton"),
+    ("dualadam_8bit", "none", True, "over torchao's codes and scales"),
+    ("dualadam_4bit", "none", False, "a compiled step per tensor on CUDA"),
+    ("dualadam_8bit", "adam_rms", True, "a compiled step per tensor on CUDA"),
+])
+def test_the_backend_named_for_cuda(monkeypatch, name, inv_scale, triton, expected):
+    from dualadam_hf.optim import triton_backend
+    from dualadam_hf.train.describe import step_backend
+
+    monkeypatch.setattr(triton_backend, "available", lambda device_type: triton)
+    assert expected in step_backend(name, inv_scale, "cuda")
+
+
 def run(*command):
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
 
