@@ -87,20 +87,45 @@ def check_loadable(name: str, trust_remote_code: bool) -> dict[str, Any]:
     return config
 
 
+def check_hub_kernels(use_kernels: bool) -> None:
+    """Refuse ``use_kernels`` where the Hub is offline: transformers would fetch the kernels at the first
+    training step on a GPU (``model.train()`` "kernelizes" the model) and fail there with a traceback."""
+    import huggingface_hub
+
+    if use_kernels and huggingface_hub.is_offline_mode():
+        raise ModelLoadError(
+            "use_kernels: true has transformers replace layers with compiled kernels fetched from the Hugging Face "
+            "Hub (kernels-community/..., at the first training step on a GPU), and the Hub is offline "
+            "(HF_HUB_OFFLINE); set use_kernels: false to train with the model's own PyTorch layers"
+        )
+
+
 def load_causal_lm(
-    name: str, *, trust_remote_code: bool, dtype: Any = "auto", attn_implementation: str | None = None
+    name: str,
+    *,
+    trust_remote_code: bool,
+    dtype: Any = "auto",
+    attn_implementation: str | None = None,
+    use_kernels: bool = False,
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a hub id or a directory; a tokenizer without a pad token gets eos as pad."""
+    """``(model, tokenizer)`` from a hub id or a directory; a tokenizer without a pad token gets eos as pad.
+
+    ``use_kernels`` is passed to transformers explicitly: left unset, transformers >= 5.2 turns the Hub's
+    kernels on for every model (``USE_HUB_KERNELS`` defaults to yes), which downloads and runs compiled code
+    the recipe did not ask for, and fails offline at the first training step on a GPU.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_loadable(name, trust_remote_code)
+    check_hub_kernels(use_kernels)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError, KeyError) as error:
         raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {first_line(error)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation=attn_implementation
+            name, trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation=attn_implementation,
+            use_kernels=use_kernels,
         )
     except (OSError, ValueError, ImportError, KeyError) as error:
         raise ModelLoadError(f"cannot load the model {name!r}: {first_line(error)}") from None

@@ -45,12 +45,23 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa, flash_attention_2, ... (None: the model's default)."}
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Let transformers replace layers with compiled kernels from the Hugging Face Hub (the kernels "
+            "package; fetched at the first training step on a GPU). Off by default: it downloads and runs code "
+            "the recipe did not ask for, and fails offline."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required: a hub id, a local directory or " + TINY_LLAMA)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from dualadam_hf.models.loading import check_hub_kernels
+
+        check_hub_kernels(self.use_kernels)  # before anything is loaded, dry runs included
 
 
 @dataclass
@@ -91,6 +102,7 @@ def describe(
     lines = [
         f"model:           {model_args.model_name_or_path} (trust_remote_code={model_args.trust_remote_code}, "
         f"dtype {model_args.dtype}, attention {model_args.attn_implementation or 'default'}, "
+        f"hub kernels {'on' if model_args.use_kernels else 'off'}, "
         f"activation checkpointing {training_args.activation_checkpointing})",
         f"data:            {data_args.dataset_name}, train split {data_args.train_split!r}, validation {validation}, "
         f"max_seq_length {data_args.max_seq_length}",
@@ -145,6 +157,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int) -> tuple[Any
         model = build_tiny_llama(tokenizer, seed=seed)
         if model_args.attn_implementation is not None:
             model.set_attn_implementation(model_args.attn_implementation)
+        model.use_kernels = model_args.use_kernels  # built from a config: transformers' default does not apply
         return model, tokenizer
 
     import torch
@@ -156,6 +169,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int) -> tuple[Any
         trust_remote_code=model_args.trust_remote_code,
         dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
         attn_implementation=model_args.attn_implementation,
+        use_kernels=model_args.use_kernels,
     )
 
 
