@@ -46,7 +46,9 @@ def _causal_lm(run_dir: Path, record: RunRecord, count: int) -> tuple[torch.nn.M
     if record.detail("use_peft", False):
         raise CompareError(f"{run_dir}: a LoRA adapter run; flatness is measured on fully fine-tuned models")
     # eager attention: fused SDPA kernels have no double backward, which Hessian-vector products need
-    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        run_dir, dtype=torch.float32, attn_implementation="eager", use_kernels=False  # no Hub code (README)
+    )
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     data_args = DataArguments(
         dataset_name=record.detail("dataset"), train_split=record.detail("train_split"),
