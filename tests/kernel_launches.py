@@ -16,11 +16,13 @@ from dualadam_hf.optim import triton_backend
 def kernel_device(monkeypatch) -> torch.device:
     """The GPU if there is one, else the CPU through the interpreter."""
     if torch.cuda.is_available():
+        assert triton_backend.available("cuda")
         return torch.device("cuda")
     from triton import knobs
 
     assert knobs.runtime.interpret, "tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU"
     monkeypatch.setattr(triton_backend, "DEVICES", ("cuda", "cpu"))
+    assert triton_backend.available("cpu")  # its one probing launch made here, before a test counts launches
     return torch.device("cpu")
 
 

@@ -235,7 +235,9 @@ class DualAdam(torch.optim.Optimizer):
                 continue
             shard, grad_shard, exp_avg, _ = tensors
             step = self._host_steps.advance(p, state, shard.device)
-            key = (shard.device, shard.dtype, grad_shard.dtype, exp_avg.dtype)
+            # a view at an odd offset (a gradient bucket's, say) keeps its own bucket out of 128-bit accesses
+            aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
+            key = (shard.device, shard.dtype, grad_shard.dtype, exp_avg.dtype, aligned)
             buckets.setdefault(key, []).append((*tensors, state["step"], step))
         for bucket in buckets.values():
             params, grads, exp_avgs, exp_avg_sqs, steps, counts = (list(column) for column in zip(*bucket))

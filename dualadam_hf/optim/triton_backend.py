@@ -16,11 +16,16 @@ Per step, for a bucket:
    ``torch._fused_adamw_`` does it, at exactly the cost of torch's fused AdamW.
 
 No host sync: the host keeps its own copy of each step count (``HostSteps``), read from the state once after
-it was created or loaded, and uses it only to choose between 2 and 3. The numbers of the update itself come
-from the device's step, so a state that changed behind the host's back (DeepSpeed copies a checkpoint's
-state into the existing tensors) is still stepped with the right alpha_t and bias corrections; the one
-case the host copy misleads is a step count written back to an earlier value in place, which then runs
-AdamW's arithmetic until the host copy is read again (after ``load_state_dict``).
+it was created or loaded (or written in place through the tensor), and uses it only to choose between 2 and
+3. The numbers of the update itself come from the device's step, so a state that changed behind the host's
+back is still stepped with the right alpha_t and bias corrections. Behind its back means through ``.data``,
+as DeepSpeed restores a checkpoint into the existing state: to a later step (a resume), the kernel then
+does AdamW's arithmetic itself until the host's count reaches the switch, right but slower than torch's
+op; to an earlier step (a rollback within one process), the host would choose torch's AdamW while
+alpha_t > 0, until the state is loaded with ``load_state_dict``.
+
+Triton builds its launcher with the system's C compiler at the first launch: where it cannot (no compiler,
+no Python headers), the optimizer warns once and steps with foreach (``available``).
 
 The launch tables (addresses, sizes, the block map) are built once per set of tensors and cached by
 address; only the gradients' addresses are checked every step (``zero_grad(set_to_none=True)`` may move
@@ -37,6 +42,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +62,7 @@ NUM_WARPS = 8
 # Device types the backend runs on. Tests add "cpu" to run the kernel in Triton's interpreter.
 DEVICES: tuple[str, ...] = ("cuda",)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PLAN_CACHE_SIZE = 16  # param sets whose launch tables are kept (groups x buckets of a few optimizers)
+_PLAN_CACHE_SIZE = 64  # param sets whose launch tables are kept (groups x buckets x devices of a few optimizers)
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -92,49 +98,82 @@ def kernel_tensors(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> tup
     shard, _, exp_avg, exp_avg_sq = tensors
     if shard.dtype not in KERNEL_DTYPES or exp_avg.dtype != exp_avg_sq.dtype or not takes(shard):
         return None
-    device = shard.device
+    device, numel = shard.device, shard.numel()
     for tensor in tensors:
-        if type(tensor) not in _PLAIN or tensor.device != device or not tensor.is_contiguous():
+        # the kernel walks all four over the parameter's size: a state of another size (loaded for another
+        # shape) takes foreach, which says so
+        if (type(tensor) not in _PLAIN or tensor.device != device or tensor.numel() != numel
+                or not tensor.is_contiguous()):
             return None
     return tensors
 
 
 @functools.cache
 def available(device_type: str) -> bool:
-    """Triton can run here: a CUDA GPU of compute capability 7.0 or more, or its interpreter on CPU."""
+    """Triton runs here: a CUDA GPU of compute capability 7.0 or more, or its interpreter on CPU, and the
+    kernel compiles and launches (``_runs``)."""
     if importlib.util.find_spec("triton") is None:
         return False
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 7
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+        if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 7):
+            return False
+    elif os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        return False
+    return _runs(torch.device(device_type))
+
+
+def _runs(device: torch.device) -> bool:
+    """Launch the kernel once on a four-element bucket that it leaves unchanged (lr = 0). Triton builds its
+    launcher with the system's C compiler and needs the Python headers and a writable cache: where any of
+    that is missing, say so once and let the optimizer step with foreach, instead of failing at its first
+    step."""
+    tensors = [[torch.zeros(4, device=device)] for _ in range(4)]
+    group = dict(lr=0.0, betas=(0.9, 0.999), weight_decay=0.0, maximize=False)
+    try:
+        launch(*tensors, torch.zeros(1, 3, device=device), group)
+    except Exception as error:  # Triton's compile and launch failures have no common type
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        warnings.warn(
+            f"DualAdam: the Triton kernel does not run on {device.type} here ({type(error).__name__}: "
+            f"{lines[0] if lines else ''}); stepping with foreach instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 class HostSteps:
     """The host's copy of each parameter's step count, so that choosing a kernel needs no ``.item()``.
 
-    An entry is trusted while the state still holds the same ``step`` tensor: ``load_state_dict`` and
-    anything else that puts a new tensor there make the next step read it again (one sync per parameter).
+    An entry is trusted while the state holds the same ``step`` tensor at the version the backend's own
+    ``_foreach_add_`` left it: ``load_state_dict``, and in-place writes through the tensor (``copy_``,
+    ``zero_``, ``fill_``: a callback restarting the schedule), make the next step read it again (one sync per
+    parameter). A write through ``.data`` (DeepSpeed's restore of a checkpoint into the existing state) leaves
+    no trace; see the module docstring for what that costs.
     """
 
     def __init__(self) -> None:
-        self._steps: dict[Tensor, tuple[Tensor, int]] = {}
+        self._steps: dict[Tensor, tuple[Tensor, int, int]] = {}
 
     def advance(self, param: Tensor, state: dict[str, Tensor], device: torch.device) -> int:
-        """The step count after this step; moves ``state["step"]`` to ``device`` the first time."""
+        """The step count after this step, which the caller then makes with one in-place add; moves
+        ``state["step"]`` to ``device`` the first time."""
         step = state["step"]
         known = self._steps.get(param)
-        if known is not None and known[0] is step:
+        # the version moved by the backend's own add at most (which a TorchDispatchMode may not count)
+        if known is not None and known[0] is step and 0 <= step._version - known[2] <= 1:
             count = known[1]
         else:
             count = int(step.item())
             if step.device != device or step.dtype != torch.float32:
                 step = state["step"] = torch.full((), count, dtype=torch.float32, device=device)
-        self._steps[param] = (step, count + 1)
+        self._steps[param] = (step, count + 1, step._version)
         return count + 1
 
     def created(self, param: Tensor, step: Tensor) -> None:
         """A new state: its step is 0, no need to read it."""
-        self._steps[param] = (step, 0)
+        self._steps[param] = (step, 0, step._version - 1)
 
     def forget(self, params: Iterable[Tensor]) -> None:
         """These parameters are stepped elsewhere (and their step in place): the host's copies are stale."""
@@ -217,11 +256,13 @@ class _Plan:
 _plans: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list on ``device``, without waiting for the GPU (pinned memory, stream-ordered copy)."""
+def to_device(values: list | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list or CPU tensor on ``device``, without waiting for the GPU (pinned memory, stream-ordered
+    copy)."""
+    host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-    return torch.tensor(values, dtype=dtype, device=device)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _block_map(numels: list[int], block: int) -> tuple[Tensor, Tensor]:
@@ -252,7 +293,7 @@ def launch_plan(tensors: list[list[Tensor]], block: int) -> _Plan:
             block_tensor, block_start = _block_map(numels, block)
             plan = _plans[key] = _Plan(
                 grad_addresses, addresses, to_device(numels, torch.int64, device),
-                block_tensor.to(device, non_blocking=True), block_start.to(device, non_blocking=True), aligned,
+                to_device(block_tensor, torch.int32, device), to_device(block_start, torch.int64, device), aligned,
             )
             while len(_plans) > _PLAN_CACHE_SIZE:
                 _plans.popitem(last=False)

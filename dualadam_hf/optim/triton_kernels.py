@@ -93,9 +93,11 @@ def _update_block(
     m = _load(exp_avg, offsets, mask, S_KIND) * beta1 + g * grad_weight1
     v = _load(exp_avg_sq, offsets, mask, S_KIND) * beta2 + (g * g) * grad_weight2
     root = tl.sqrt_rn(v)
-    # adam = 0 at alpha = 1 (or lr = 0): skip the Adam term rather than multiply 0 / (0 + 0) by it
+    # A term whose coefficient is 0 (alpha = 1 or 0, or lr = 0) is skipped rather than multiplied by 0:
+    # 0 / (0 + 0) and inf * 0 (a float16 v that overflowed) are NaN, where AdamW's update stays finite.
+    inv_term = tl.where(inv != 0.0, root * inv, 0.0)
     adam_term = tl.where(adam != 0.0, tl.div_rn(adam + tl.zeros_like(root), root + eps_b), 0.0)
-    update = m * (root * inv + adam_term)
+    update = m * (inv_term + adam_term)
     p = _load(param, offsets, mask, P_KIND) * decay - update
     _store(param, offsets, p, mask, P_KIND)
     _store(exp_avg, offsets, m, mask, S_KIND)

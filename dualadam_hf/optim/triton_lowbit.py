@@ -41,11 +41,11 @@ def takes_state(shard: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     numel, device = shard.numel(), shard.device
     for state in (exp_avg, exp_avg_sq):
         codes = state.codes
-        if (codes.numel() * 8 != numel * bits or state.qmap.numel() != 1 << bits or codes.device != device
-                or not codes.is_contiguous()):
+        if (codes.numel() * 8 != numel * bits or state.scale.numel() * block != numel
+                or state.qmap.numel() != 1 << bits or codes.device != device or not codes.is_contiguous()):
             return False
     return (type(grad) is Tensor and grad.dtype in triton_backend.KERNEL_DTYPES and grad.device == device
-            and grad.is_contiguous() and shard.is_contiguous())
+            and grad.numel() == numel and grad.is_contiguous() and shard.is_contiguous())
 
 
 def step_bucket(

@@ -140,9 +140,10 @@ def _step_tile(
         adam = tl.load(coefficients + tensor * 3 + 1)
         eps_b = tl.load(coefficients + tensor * 3 + 2)
         root = tl.sqrt_rn(v)
-        # adam = 0 at alpha = 1: skip the Adam term rather than multiply 0 / (0 + 0) by it
+        # a term whose coefficient is 0 is skipped: 0 / (0 + 0) and inf * 0 are NaN (see triton_kernels)
+        inv_term = tl.where(inv != 0.0, root * inv, 0.0)
         adam_term = tl.where(adam != 0.0, tl.div_rn(adam + tl.zeros_like(root), root + eps_b), 0.0)
-        p = _load(param, tile, mask, P_KIND) * decay - m * (root * inv + adam_term)
+        p = _load(param, tile, mask, P_KIND) * decay - m * (inv_term + adam_term)
         if STOCHASTIC:
             # Philox's counter: the element's offset (64 bits) and its tensor; the key: this launch's seed
             zero = tl.zeros_like(tile).to(tl.uint32)

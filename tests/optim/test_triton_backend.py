@@ -418,3 +418,96 @@ def test_sm90_ptx_has_128_bit_accesses_and_correct_rounding():
         assert variant["sqrt"] == [".rn.f32"] or all(".rn." in s for s in variant["sqrt"]), variant
         assert variant["div"] and all(".rn." in d for d in variant["div"]), variant
         assert variant["fma"] == 0
+
+
+def test_a_state_of_another_size_is_refused_as_foreach_refuses_it(device):
+    """torch's load_state_dict does not check shapes (a checkpoint from before a vocabulary was resized): the
+    kernel, which walks all four tensors over the parameter's size, must not take such a state."""
+    p = torch.nn.Parameter(torch.ones(1000, device=device))
+    optimizer = DualAdam([p], lr=1e-2, switch_rate=0.1)
+    saved = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(10), "exp_avg_sq": torch.zeros(10)}},
+             "param_groups": optimizer.state_dict()["param_groups"]}
+    optimizer.load_state_dict(saved)
+    p.grad = torch.ones(1000, device=device)
+    assert triton_backend.kernel_tensors(p, p.grad, optimizer.state[p]) is None
+    with pytest.raises(RuntimeError, match="must match the size"):
+        optimizer.step()
+    assert torch.equal(p.detach().cpu(), torch.ones(1000))
+
+
+def test_an_overflowed_float16_moment_stays_finite_at_alpha_zero_inside_the_kernel(device, monkeypatch):
+    """One tensor is past the switch while another of its bucket still blends, so the kernel steps it with
+    alpha = 0; its float16 exp_avg_sq overflowed to inf. AdamW's update is finite there (m / inf = 0), and the
+    InvAdam term, whose coefficient is 0, must not turn inf * 0 into NaN."""
+    calls = Calls(monkeypatch)
+    kwargs = dict(lr=1e-3, betas=(0.9, 0.99), switch_rate=0.25)
+    results = []
+    for backend in ({}, dict(foreach=True)):
+        late, early = (torch.nn.Parameter(torch.ones(8, dtype=torch.float16, device=device)) for _ in range(2))
+        optimizer = DualAdam([late, early], **kwargs, **backend)
+        for _ in range(5):  # alpha reaches 0 at step 4; ``late`` has had no gradient yet
+            early.grad = torch.ones(8, dtype=torch.float16, device=device)
+            optimizer.step()
+        early.grad = torch.full((8,), 3000.0, dtype=torch.float16, device=device)  # 0.01 * 9e6 > 65504
+        late.grad = torch.ones(8, dtype=torch.float16, device=device)  # its step 1: alpha = 0.75
+        optimizer.step()
+        assert torch.isinf(optimizer.state[early]["exp_avg_sq"]).all()
+        early.grad = torch.ones(8, dtype=torch.float16, device=device)  # reads the stored inf
+        late.grad = torch.ones(8, dtype=torch.float16, device=device)
+        optimizer.step()
+        results.append(early.detach().cpu())
+    # the kernel's run: steps 1-3 blend, 4-5 are AdamW's (torch's op), 6 and 7 mix both tensors in one launch
+    assert (len(calls.launches), calls.adamw) == (5, 2) and calls.launches[-1][3][0].shape[0] == 2
+    assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
+
+
+def test_a_step_count_reset_in_place_is_read_again(device):
+    """A callback that restarts the schedule writes the step in place (``zero_``): the host's copy must follow,
+    or it would keep choosing AdamW's arithmetic while alpha_t is back near 1."""
+    kwargs = dict(**HYPER, switch_rate=0.1)
+    grads = make_grads(16)
+    params = on(device, make_params(torch.float32))
+    optimizer = DualAdam(params, **kwargs)
+    run(optimizer, params, grads[:12])  # alpha = 0 from step 10 on
+    for p in params:
+        optimizer.state[p]["step"].zero_()
+    run(optimizer, params, grads[12:])
+    assert optimizer.latest_alpha() == pytest.approx(0.6)
+
+    restarted = on(device, make_params(torch.float32))
+    twin = DualAdam(restarted, **kwargs, foreach=True)
+    run(twin, restarted, grads[:12])
+    for p in restarted:
+        twin.state[p]["step"].zero_()
+    run(twin, restarted, grads[12:])
+    for a, b in zip(params, restarted):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def kernel_that_cannot_build(monkeypatch):
+    """Triton failing as on a machine without a C compiler (its launcher is built with one at first use)."""
+    from dualadam_hf.optim import triton_kernels
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "dualadam_kernel", Unbuildable())
+    triton_backend.available.cache_clear()
+    yield
+    triton_backend.available.cache_clear()
+
+
+def test_a_kernel_that_cannot_build_here_falls_back_to_foreach_with_one_warning(device, kernel_that_cannot_build):
+    params = on(device, make_params(torch.float32))
+    grads = make_grads(STEPS)
+    with pytest.warns(RuntimeWarning, match="the Triton kernel does not run on .* here .*Failed to find C compiler.*"
+                                            "stepping with foreach instead"):
+        run(DualAdam(params, **HYPER, switch_rate=0.05), params, grads[:1])
+    run(DualAdam(params, **HYPER, switch_rate=0.05), params, grads[:0])
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, alpha=linear_alpha(0.05))
+    assert_tracks_reference(params, reference_run([(range(len(SHAPES)), hyper)], grads[:1]), FP32_RTOL)
