@@ -4,7 +4,8 @@ Two copies of one model (the same weights), each with its own DualAdam, train on
 the same examples. A round times ``steps`` training steps (forward, backward, optimizer step) of each
 layout, in an order that rotates every round, and the median round is kept, so that a noisy, shared
 machine slows both alike. Padded: each batch right-padded to its longest example, SDPA with the padding
-mask (``SFTCollator``). Packed: the batch in one row, SDPA on each example (``packed_sdpa``).
+mask (``SFTCollator``). Packed: the batch in one row, ``packed_sdpa`` (SDPA on each example on a CPU, torch's
+varlen FlashAttention kernel on a CUDA card in bf16/fp16).
 
 Two cases:
 - ``tiny``: ``recipes/tiny_alpaca.yaml``'s model and data (the shipped sample, batch 16, 192 tokens).

@@ -134,7 +134,8 @@ def packing_line(model_args: ModelArguments, data_args: DataArguments) -> str:
         return "off (each batch right-padded to its longest example)"
     attention = model_args.attn_implementation
     how = (
-        "SDPA run on each example (packed_sdpa)"
+        "packed_sdpa: torch's varlen FlashAttention kernel once per row on CUDA (bf16/fp16), SDPA on each "
+        "example elsewhere"
         if attention in (None, "sdpa", "packed_sdpa")
         else f"{attention}, kept apart by {'the example boundaries' if attention.startswith('flash') else 'a block-diagonal mask'}"
     )

@@ -46,7 +46,7 @@ def test_dry_run_of_the_openpangu_recipes_is_offline(recipe, optimizer, capsys, 
     assert f"optimizer:       {optimizer}" in out
     assert "4 per device x 8 accumulation x 1 processes = 32 examples per optimizer step" in out
     assert "bf16 mixed" in out
-    assert "packing:         on (padding-free batches for training and evaluation; attention: SDPA run on each example" in out
+    assert "packing:         on (padding-free batches for training and evaluation; attention: packed_sdpa: torch's varlen FlashAttention kernel" in out
 
 
 def test_dry_run_says_whether_packing_is_on_and_how_examples_are_kept_apart(capsys, no_downloads):
