@@ -5,7 +5,8 @@
 #     OUT=DIR scripts/gpu_step_check.sh [STEP ...]                         on the GPU machine
 #     PYTHON=.venv/bin/python scripts/gpu_step_check.sh --cpu [STEP ...]   the same steps on this CPU, tiny
 #
-# STEP (default: all, in this order): tests gpt_fp32 gpt_bf16 openpangu_fp32 openpangu_bf16 lowbit_fp32.
+# STEP (default: all, in this order): tests packing_tests gpt_fp32 gpt_bf16 openpangu_fp32 openpangu_bf16
+# lowbit_fp32 (packing_tests: the varlen FlashAttention path of packed_sdpa against SDPA per example).
 # The gpt steps bench 510M parameters in 162 GPT-shaped tensors, the openpangu steps openPangu-Embedded-1B's
 # 341 tensors (1.39B parameters), lowbit_fp32 the 8- and 4-bit optimizers at 510M. Each bench step writes
 # its JSON report to $OUT, named after the card (h200_gpt510m_fp32.json, h200_gpt510m_bf16.json,
@@ -30,7 +31,7 @@ if [[ "${1:-}" == "--cpu" ]]; then
 fi
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-420}
-ALL_STEPS=(tests gpt_fp32 gpt_bf16 openpangu_fp32 openpangu_bf16 lowbit_fp32)
+ALL_STEPS=(tests packing_tests gpt_fp32 gpt_bf16 openpangu_fp32 openpangu_bf16 lowbit_fp32)
 STEPS=("$@")
 if (( ${#STEPS[@]} == 0 )); then
     STEPS=("${ALL_STEPS[@]}")
@@ -141,6 +142,7 @@ main() {
     for step in "${STEPS[@]}"; do
         case $step in
             tests) run_step tests 150 "$PYTHON" -m pytest -m cuda tests/optim -x -q ;;
+            packing_tests) run_step packing_tests 60 "$PYTHON" -m pytest -m cuda tests/hf/test_packing_kernels.py -q ;;
             gpt_fp32) bench "$step" 100 "${gpt}_fp32" --params "$gpt_params" --dtype float32 --optimizers "${FULL[@]}" ;;
             gpt_bf16) bench "$step" 100 "${gpt}_bf16" --params "$gpt_params" --dtype bfloat16 --optimizers "${FULL[@]}" ;;
             openpangu_fp32 | openpangu_bf16)
