@@ -511,3 +511,25 @@ def test_a_kernel_that_cannot_build_here_falls_back_to_foreach_with_one_warning(
     run(DualAdam(params, **HYPER, switch_rate=0.05), params, grads[:0])
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, alpha=linear_alpha(0.05))
     assert_tracks_reference(params, reference_run([(range(len(SHAPES)), hyper)], grads[:1]), FP32_RTOL)
+
+
+@pytest.mark.slow
+def test_uneven_and_empty_dtensor_shards_on_two_processes():
+    """FSDP2's shards differ in size across ranks, and a rank's shard can be empty: the kernel steps each local
+    shard over its own size, and the sharded result equals the whole tensors stepped alike, bit for bit."""
+    if torch.cuda.is_available():
+        pytest.skip("the worker runs the kernel in Triton's interpreter on CPU processes")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    environment = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+         "tests/optim/dtensor_shards_worker.py"],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: ok, local sizes [8, 5, 3, 8]", "rank 1: ok, local sizes [4, 0, 2, 8]"], done.stdout

@@ -1,0 +1,206 @@
+"""The fine-tuning benchmark: its 1b shape (without allocating it), its data's lengths, its arithmetic, its
+command line, and one run end to end at the tiny shape on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dualadam_hf.analysis.finetune_bench import (
+    RUN_FIELDS,
+    BenchError,
+    parameter_counts,
+    peak_tflops_of,
+    resize_checkpoint,
+    shape_sizes,
+    summarize,
+    write_data,
+)
+from dualadam_hf.analysis.packing_bench import TOKENS_MEAN, TOKENS_STD
+from dualadam_hf.models.openpangu_fixture import weight_shapes
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "bench_finetune.py"
+REPORT_FIELDS = {
+    "shape", "config", "parameters", "flop_parameters", "device", "torch", "cuda", "transformers", "peak_tflops",
+    "peak_tflops_source", "mfu_convention", "steps", "data", "write_checkpoint_seconds", "write_data_seconds",
+    "finetune_flags", "runs",
+}
+
+
+@pytest.fixture(scope="module")
+def bench_main():
+    return runpy.run_path(str(SCRIPT), run_name="bench_finetune")["main"]
+
+
+def test_the_1b_shape_has_the_published_sizes():
+    sizes = shape_sizes("1b")
+    assert sizes == dict(vocab_size=153_376, hidden_size=1536, intermediate_size=6144, num_hidden_layers=26,
+                         num_attention_heads=12, num_key_value_heads=6)
+    shapes = weight_shapes(sizes)  # names and shapes only: nothing is allocated
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (12 * 128, 1536)  # head dim 128
+    assert shapes["model.layers.25.self_attn.k_proj.weight"] == (6 * 128, 1536)
+    assert {shapes[f"model.layers.0.self_attn.{name}_proj.bias"] for name in "qkvo"} == {(1536,), (768,)}
+    assert shapes["lm_head.weight"] == shapes["model.embed_tokens.weight"] == (153_376, 1536)  # untied
+    assert "model.layers.26.mlp.up_proj.weight" not in shapes
+    assert parameter_counts(sizes) == (1_391_497_728, 1_391_497_728 - 153_376 * 1536)
+
+
+def test_resizing_writes_the_sizes_and_weights_that_load(tiny_openpangu, tmp_path):
+    checkpoint = Path(shutil.copytree(tiny_openpangu, tmp_path / "resized"))
+    sizes = dict(vocab_size=3000, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    resize_checkpoint(checkpoint, sizes)
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    assert {key: config[key] for key in sizes} == sizes
+    assert config["model_type"] == "PanguEmbedded" and config["bias"] is True and config["tie_word_embeddings"] is False
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert sum(p.numel() for p in model.parameters()) == parameter_counts(sizes)[0]
+
+
+def test_the_records_have_alpaca_gpt4_cn_lengths(tiny_openpangu, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_openpangu)
+    measured = write_data(tmp_path / "data.json", tokenizer, train_records=500, eval_records=100)
+    records = json.loads((tmp_path / "data.json").read_text(encoding="utf-8"))
+    assert len(records) == 600 and all(set(record) == {"instruction", "input", "output"} for record in records)
+    assert all(record["instruction"] and record["output"] for record in records)
+    assert measured["tokens_per_record_mean"] == pytest.approx(TOKENS_MEAN, rel=0.05)
+    assert measured["tokens_per_record_stdev"] == pytest.approx(TOKENS_STD, rel=0.1)
+
+
+def raw_report(**changes):
+    raw = dict(
+        exit_code=0, imported_at=105.0, finished_at=160.0, seconds=dict(load=2.0, data=1.0, setup=0.5, save=3.0),
+        step_seconds=[4.0, 1.0, 2.0], optimizer_seconds=[0.5, 0.25, 0.25], step_tokens=[[900, 900], [1000, 1600],
+                                                                                       [2000, 2400]],
+        evaluations=[[9.0, 6.0], [10.0, 7.0]], checkpoint_seconds=[5.0], train_loss=7.5, peak_gpu_memory_bytes=2**31,
+    )
+    return raw | changes
+
+
+def test_the_summary_takes_medians_of_the_steps_after_the_first():
+    figures = summarize(raw_report(), launched=100.0, flop_parameters=10**9, peak_tflops=100.0)
+    assert set(figures) == set(RUN_FIELDS) - {"optim", "packing", "status", "error"}
+    assert figures["imports_seconds"] == 5.0 and figures["total_seconds"] == 60.0
+    assert figures["first_step_seconds"] == 4.0 and figures["step_seconds"] == 1.5
+    assert figures["slowest_step_seconds"] == 2.0
+    assert figures["nonpad_tokens_per_step"] == 1500 and figures["nonpad_tokens_per_second"] == 1000
+    assert figures["padding_share"] == pytest.approx(1 - 3000 / 4000)
+    assert figures["mfu"] == pytest.approx(6 * 10**9 * 1000 / 100e12)
+    assert figures["optimizer_step_seconds"] == 0.25 and figures["optimizer_share"] == pytest.approx((0.25 + 0.125) / 2)
+    assert (figures["evaluation_seconds"], figures["generation_seconds"]) == (10.0, 7.0)  # the final one
+    assert figures["evaluation_without_generation_seconds"] == 3.0
+    assert (figures["evaluation_calls"], figures["checkpoint_saves"], figures["checkpoint_seconds"]) == (2, 1, 5.0)
+    assert figures["peak_gpu_memory_gib"] == 2.0
+    assert summarize(raw_report(), launched=100.0, flop_parameters=10**9, peak_tflops=None)["mfu"] is None
+
+
+def test_a_phase_the_run_skipped_is_named():
+    with pytest.raises(BenchError, match="without passing through save, evaluation: finetune's path changed"):
+        summarize(raw_report(seconds=dict(load=2.0, data=1.0, setup=0.5), evaluations=[]), launched=100.0,
+                  flop_parameters=1, peak_tflops=None)
+
+
+@pytest.mark.parametrize(
+    "name,tflops",
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+     ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("AMD EPYC 7B13", None)],
+)
+def test_the_peak_table(name, tflops):
+    assert peak_tflops_of(name)[0] == tflops
+
+
+def test_out_refuses_an_existing_file_in_one_line(bench_main, tmp_path, capsys):
+    existing = tmp_path / "report.json"
+    existing.write_text("{}", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_status:
+        bench_main(["--out", str(existing)])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err == f"error: {existing} exists; not overwriting it\n"
+    assert existing.read_text(encoding="utf-8") == "{}"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--shape", "7b"], "error: argument --shape: invalid choice: '7b' (choose from 'tiny', '1b')\n"),
+        (["--steps", "1"], "error: argument --steps: 1 is below 2\n"),
+        (["--optim", "sgd"], "error: argument --optim: invalid choice: 'sgd' (choose from 'dualadam', "
+                             "'adamw_torch_fused', 'dualadam_8bit', 'adamw_torch_8bit')\n"),
+        (["--peak-tflops", "-1"], "error: argument --peak-tflops: must be a positive number, got -1.0\n"),
+    ],
+)
+def test_bad_arguments_are_one_line(bench_main, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_status:
+        bench_main(argv)
+    assert exit_status.value.code == 2 and capsys.readouterr().err == message
+
+
+def test_a_finetune_flag_finetune_refuses_stops_before_any_run(bench_main, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        bench_main(["--workdir", str(tmp_path / "work"), "--train-records", "8", "--eval-records", "2", "--",
+                    "--lora_r", "0"])
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: finetune refuses pangu_alpaca.yaml with these flags: lora_r must be >= 1, got 0\n"
+    assert not list((tmp_path / "work").glob("run*"))
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_on_the_cpu(bench_main, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = bench_main([
+        "--shape", "tiny", "--steps", "3", "--optim", "dualadam", "--packing", "on", "--train-records", "24",
+        "--eval-records", "4", "--peak-tflops", "0.5", "--json", "--out", str(out), "--",
+        "--gradient_accumulation_steps", "2", "--train_eval_samples", "4", "--generation_eval_samples", "2",
+        "--generation_max_new_tokens", "4",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    progress = [line for line in captured.err.splitlines() if line.startswith("[1/1]")]
+    assert progress[0] == "[1/1] dualadam, packing on: running" and " s/step, " in progress[1]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert json.loads(captured.out) == report
+    assert set(report) == REPORT_FIELDS
+    assert report["shape"] == "tiny" and report["steps"] == 3 and report["cuda"] is None
+    assert report["peak_tflops"] == 0.5 and report["peak_tflops_source"] == "--peak-tflops"
+    assert report["data"]["train_records"] == 24 and report["data"]["eval_records"] == 4
+    assert report["parameters"] == parameter_counts(report["config"])[0] > report["flop_parameters"] > 0
+    [run] = report["runs"]
+    assert set(run) == set(RUN_FIELDS)
+    assert (run["optim"], run["packing"], run["status"], run["error"]) == ("dualadam", True, "ok", None)
+    for field in ("imports_seconds", "model_load_seconds", "data_seconds", "setup_seconds", "first_step_seconds",
+                  "step_seconds", "optimizer_step_seconds", "evaluation_seconds", "generation_seconds",
+                  "evaluation_without_generation_seconds", "total_seconds"):
+        assert 0 < run[field] < run["total_seconds"] or field == "total_seconds", field
+    assert 0 <= run["save_seconds"] < run["total_seconds"]
+    # 2 accumulated batches of 4 examples, every token real in a packed batch
+    assert 8 * 10 < run["nonpad_tokens_per_step"] < 8 * 1024 and run["padding_share"] == 0
+    assert run["step_seconds"] <= run["slowest_step_seconds"]
+    assert run["mfu"] == pytest.approx(6 * report["flop_parameters"] * run["nonpad_tokens_per_second"] / 0.5e12)
+    assert 0 < run["optimizer_share"] < 1
+    assert run["evaluation_calls"] >= 1 and run["peak_gpu_memory_gib"] is None
+    assert math.isfinite(run["train_loss"]) and abs(run["train_loss"] - math.log(report["config"]["vocab_size"])) < 1
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_is_reported_with_its_error_line(bench_main, tmp_path, capsys):
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: the run would not fail")
+    code = bench_main(["--steps", "2", "--optim", "adamw_torch_fused", "--packing", "off", "--train-records", "8",
+                       "--eval-records", "2", "--workdir", str(tmp_path / "work"), "--json", "--",
+                       "--attn_implementation", "flash_attention_2"])
+    captured = capsys.readouterr()
+    [run] = json.loads(captured.out)["runs"]
+    assert code == 1 and run["status"] == "failed"
+    assert run["error"].startswith("cannot load the model") and "FlashAttention2" in run["error"]
+    assert all(run[field] is None for field in RUN_FIELDS if field not in ("optim", "packing", "status", "error"))
+    assert f"[1/1] adamw_torch_fused, packing off: failed: {run['error']}" in captured.err.splitlines()
+    assert (tmp_path / "work" / "run1" / "log.txt").is_file() and not (tmp_path / "work" / "run1" / "output").exists()
