@@ -9,7 +9,6 @@ statistics): the loss measured is that of the model as it predicts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -37,7 +37,7 @@ def make_grads(steps, seed=1):
 def run(optimizer, params, grads):
     for step_grads in grads:
         for p, g in zip(params, step_grads):
-            p.grad = g.to(p.dtype).clone()
+            p.grad = g.to(p.device, p.dtype).clone()
         optimizer.step()
 
 
@@ -193,15 +193,17 @@ def test_save_weights_only_load_resume_is_bit_exact(backend):
     assert optimizer.latest_alpha() == 0.0
 
 
-def run_with_a_resume(params, kwargs, grads, stop):
-    """Run ``stop`` steps, save params and optimizer, reload them with weights_only=True into a new
-    optimizer, check alpha continues, and run the remaining steps. Returns (params, optimizer)."""
+def run_with_a_resume(params, kwargs, grads, stop, *, map_location=None, between=lambda: None):
+    """Run ``stop`` steps, save params and optimizer, call ``between``, reload them with weights_only=True
+    (onto ``map_location``) into a new optimizer, check alpha continues, and run the remaining steps.
+    Returns (params, optimizer)."""
     optimizer = DualAdam(params, **kwargs)
     run(optimizer, params, grads[:stop])
+    between()
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = torch.load(buffer, weights_only=True, map_location=map_location)
 
     resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
     optimizer = DualAdam(resumed, **kwargs)

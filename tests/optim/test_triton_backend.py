@@ -9,7 +9,6 @@ compiled on CUDA tensors. Launches stay small: the interpreter costs about 2 ms 
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -19,7 +18,9 @@ import pytest
 import torch
 from kernel_launches import ItemCalls, compiles, kernel_device, record_launches
 from one_process_group import one_process_group
-from optim.test_optimizer import CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run
+from optim.test_optimizer import (
+    CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run, run, run_with_a_resume,
+)
 from reference import linear_alpha
 
 from dualadam_hf import DualAdam, InvAdam
@@ -58,13 +59,6 @@ class Calls:
 
 def on(device, tensors):
     return [torch.nn.Parameter(t.detach().to(device)) for t in tensors]
-
-
-def run(optimizer, params, grads):
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.to(p.device, p.dtype).clone()
-        optimizer.step()
 
 
 def assert_tracks_reference(params, expected, rtol):
@@ -230,31 +224,12 @@ def test_a_step_count_written_in_place_is_followed(device):
     assert optimizer.latest_alpha() == 0.0  # what the Trainer logs reads the device's steps
 
 
-def run_with_a_resume(kwargs, device_before, device_after, grads, stop, between=lambda: None):
-    """Run ``stop`` steps on ``device_before``, save, call ``between``, load onto ``device_after`` with
-    weights_only=True into a new optimizer, check alpha_t continues, and run the remaining steps."""
-    params = on(device_before, make_params(torch.float32))
-    optimizer = DualAdam(params, **kwargs)
-    run(optimizer, params, grads[:stop])
-    between()
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True, map_location=device_after)
-    resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
-    optimizer = DualAdam(resumed, **kwargs)
-    optimizer.load_state_dict(saved["optimizer"])
-    assert optimizer.latest_alpha() == pytest.approx(max(0.0, 1 - kwargs["switch_rate"] * stop))
-    run(optimizer, resumed, grads[stop:])
-    return resumed, optimizer
-
-
 def test_resume_within_the_kernel_backend_is_bit_exact(device):
     kwargs = dict(**HYPER, weight_decay=0.01, switch_rate=0.05)
     grads = make_grads(STEPS)
     straight = on(device, make_params(torch.float32))
     run(DualAdam(straight, **kwargs), straight, grads)
-    resumed, optimizer = run_with_a_resume(kwargs, device, device, grads, stop=12)
+    resumed, optimizer = run_with_a_resume(on(device, make_params(torch.float32)), kwargs, grads, 12)
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
     assert all(optimizer.state[p]["step"].device == p.device for p in resumed)
 
@@ -275,11 +250,13 @@ def test_resume_across_backends_and_devices(device, monkeypatch, direction):
 
     if direction == "foreach_to_kernel":
         set_devices(("cuda",))()
-        resumed, optimizer = run_with_a_resume(kwargs, "cpu", device, grads, 12, between=set_devices(kernel_devices))
+        resumed, optimizer = run_with_a_resume(make_params(torch.float32), kwargs, grads, 12, map_location=device,
+                                               between=set_devices(kernel_devices))
         assert len(calls.launches) == STEPS - 12
         assert all(optimizer.state[p]["step"].device == p.device for p in resumed)
     else:
-        resumed, optimizer = run_with_a_resume(kwargs, device, "cpu", grads, 12, between=set_devices(("cuda",)))
+        resumed, optimizer = run_with_a_resume(on(device, make_params(torch.float32)), kwargs, grads, 12,
+                                               map_location="cpu", between=set_devices(("cuda",)))
         assert len(calls.launches) == 12
         assert all(optimizer.state[p]["step"].device.type == "cpu" for p in resumed)
     assert all(optimizer.state[p]["step"].item() == STEPS for p in resumed)

@@ -23,7 +23,7 @@ import torch
 from kernel_launches import ItemCalls, compiles, kernel_device, record_launches
 
 from dualadam_hf import DualAdam4bit, DualAdam8bit, DualAdamFp8, InvAdam4bit
-from dualadam_hf.optim import lowbit, triton_backend, triton_lowbit
+from dualadam_hf.optim import lowbit, triton_lowbit
 from dualadam_hf.optim.lowbit import is_quantized
 
 triton = pytest.importorskip("triton", reason="Triton is in the test extra (Linux x86-64)")
