@@ -125,7 +125,9 @@ def train_and_save(
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     for prefix, dataset in evaluations:
-        split_metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
+        split_metrics = None if dataset is not None else evaluation_at_the_end(trainer, prefix)
+        if split_metrics is None:
+            split_metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
         trainer.log_metrics(prefix, split_metrics)
         trainer.save_metrics(prefix, split_metrics)
         metrics.update(split_metrics)
@@ -133,6 +135,21 @@ def train_and_save(
     if trainer.is_world_process_zero():
         write_run_record(training_args, run_kind, **run_details)
     return metrics
+
+
+def evaluation_at_the_end(trainer: Any, prefix: str) -> dict[str, float] | None:
+    """The validation metrics the Trainer measured at the last step, if it did and the model is still the one
+    it measured: transformers evaluates at the end of a run whose ``eval_strategy`` is ``steps`` (since 5.x),
+    and evaluating again (generation included) would cost as much for the same numbers. None after
+    ``load_best_model_at_end``, which puts another model in place."""
+    if trainer.args.load_best_model_at_end:
+        return None
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != trainer.state.global_step:
+            return None
+        if f"{prefix}_loss" in entry:
+            return {key: value for key, value in entry.items() if key.startswith(f"{prefix}_") or key == "epoch"}
+    return None
 
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:

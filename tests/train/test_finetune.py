@@ -142,6 +142,29 @@ def test_tiny_recipe_runs_and_leaves_state_metrics_and_model(tmp_path):
     assert config["packing"] is True
 
 
+@pytest.mark.parametrize("max_steps,eval_steps", [(4, 2), (5, 2)])
+def test_the_final_evaluation_is_the_trainers_last_one_not_a_second(tmp_path, monkeypatch, max_steps, eval_steps):
+    """transformers evaluates at the last step of a step-strategy run (at 4 as every 2 steps, at 5 as the
+    end): the run's eval_results.json takes those numbers, and nothing evaluates the same model twice."""
+    from dualadam_hf.hf.trainer import DualAdamTrainer
+
+    calls = []
+    real = DualAdamTrainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DualAdamTrainer, "evaluate", counted)
+    out = tmp_path / "run"
+    flags = [*SHORT, "--max_steps", str(max_steps), "--eval_steps", str(eval_steps)]
+    assert main([TINY, "--output_dir", str(out), *flags]) == 0
+    assert calls == sorted({*range(eval_steps, max_steps + 1, eval_steps), max_steps})
+    last = [e for e in history(out) if "eval_ppl" in e][-1]
+    final = json.loads((out / "eval_results.json").read_text())
+    assert last["step"] == max_steps and final["eval_ppl"] == last["eval_ppl"] and final["eval_gen_gap"] == last["eval_gen_gap"]
+
+
 def test_lora_saves_an_adapter(tmp_path):
     out = tmp_path / "lora"
     assert main([TINY, "--output_dir", str(out), *SHORT, "--use_peft", "true", "--lora_r", "4"]) == 0
