@@ -26,11 +26,11 @@ None elsewhere):
   recipe's steps are), a noisy neighbour; the slowest steady step is reported beside them;
 - non-pad tokens/s: the median over steady steps of a step's non-pad tokens over its time; MFU:
   ``MFU_CONVENTION``; the optimizer's share: the median of optimizer.step's time over its step's;
-- evaluation: the final evaluation (validation set, the training subset, and greedy generation when the
-  recipe asks for it), timed whole and its generation apart; save: the final ``save_model``; besides them,
-  how many evaluations the run did in all and the checkpoints it saved while training (with a step
-  strategy, transformers evaluates and checkpoints at the last step too, before the final evaluation and
-  save of ``train_and_save``).
+- evaluation: the last evaluation (validation set, the training subset, and greedy generation when the
+  recipe asks for it; with a step strategy transformers runs it at the last step, and ``train_and_save``
+  reports it rather than evaluating again), timed whole and its generation apart; save: the final
+  ``save_model``; besides them, how many evaluations the run did in all and the checkpoints it saved while
+  training (with a step strategy, transformers checkpoints at the last step too).
 """
 
 from __future__ import annotations
