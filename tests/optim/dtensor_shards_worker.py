@@ -1,9 +1,12 @@
 """One process of ``test_triton_backend.py::test_uneven_and_empty_dtensor_shards_on_two_processes``, launched
 with ``torch.distributed.run --nproc_per_node 2``: DTensor parameters sharded unevenly over two CPU processes
 (one rank's shard of a one-row tensor is empty), stepped by the kernel in Triton's interpreter on their local
-shards, against the same tensors stepped whole. Prints one line: ``rank N: ok`` or what differed."""
+shards, against the same tensors stepped whole. Writes ``DIR/rank{N}.txt`` (DIR: its one argument): ``ok`` and
+the local sizes, or what differed (a file per rank: the two ranks' standard outputs interleave)."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
@@ -51,10 +54,10 @@ def main() -> None:
         rank = dist.get_rank()
         # each optimizer launches once per blending step (3), on both ranks
         if differing or len(launches) != 2 * 3:
-            print(f"rank {rank}: tensors {differing} differ; {len(launches)} launches; local sizes {local_sizes}",
-                  flush=True)
+            result = f"tensors {differing} differ; {len(launches)} launches; local sizes {local_sizes}"
         else:
-            print(f"rank {rank}: ok, local sizes {local_sizes}", flush=True)
+            result = f"ok, local sizes {local_sizes}"
+        (Path(sys.argv[1]) / f"rank{rank}.txt").write_text(result, encoding="utf-8")
     finally:
         dist.destroy_process_group()
 
