@@ -96,7 +96,7 @@ def kernel_tensors(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> tup
     if type(param) not in _PLAIN:
         tensors = tuple(local(t) for t in tensors)
     shard, _, exp_avg, exp_avg_sq = tensors
-    if shard.dtype not in KERNEL_DTYPES or exp_avg.dtype != exp_avg_sq.dtype or not takes(shard):
+    if exp_avg.dtype != exp_avg_sq.dtype or not takes(shard):  # takes: the dtype, device and Triton
         return None
     device, numel = shard.device, shard.numel()
     for tensor in tensors:

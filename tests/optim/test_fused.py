@@ -12,7 +12,7 @@ import torch
 from reference import linear_alpha
 from optim.test_optimizer import (
     CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run, run, run_with_a_resume,
-    assert_grad_never_written,
+    assert_16_bit_run_tracks_reference, assert_grad_never_written, assert_tracks_reference,
 )
 
 from dualadam_hf import DualAdam, InvAdam
@@ -39,13 +39,6 @@ def compiled():
     params = make_params(torch.float32)
     run(DualAdam(params, fused=True, schedule="step", switch_step=1), params, make_grads(2))
     run(DualAdam(params, fused=True, switch_rate=0.1), params, make_grads(1))
-
-
-def assert_tracks_reference(params, expected, rtol):
-    """Each tensor within ``rtol`` of its largest reference magnitude."""
-    for i, p in enumerate(params):
-        error = (p.detach().double() - expected[i]).abs().max().item()
-        assert error <= rtol * expected[i].abs().max().item(), (i, error)
 
 
 # the rescaled InvAdam term is refused by fused=True (tested in test_optimizer.py)
@@ -98,13 +91,7 @@ def test_16_bit_params_track_the_reference(dtype):
     in the last place of the dtype per step, relative to each tensor's largest magnitude (as for the
     other backends in test_optimizer.py)."""
     params = make_params(dtype)
-    optimizer = DualAdam(params, **HYPER, switch_rate=0.05, weight_decay=0.01, fused=True)
-    grads = make_grads(STEPS)
-    run(optimizer, params, grads)
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, alpha=linear_alpha(0.05))
-    expected = reference_run([(range(len(SHAPES)), hyper)], [[g.to(dtype).double() for g in s] for s in grads])
-    assert all(p.dtype == dtype and optimizer.state[p]["exp_avg"].dtype == dtype for p in params)
-    assert_tracks_reference(params, expected, 1.5 * STEPS * torch.finfo(dtype).eps)
+    assert_16_bit_run_tracks_reference(params, fused=True)
     moved = max((p.double() - q).abs().max().item() for p, q in zip(params, make_params()))
     assert moved > 10 * torch.finfo(dtype).eps
 

@@ -54,6 +54,27 @@ def reference_run(groups, grads):
     return {i: torch.tensor(ref.theta, dtype=torch.float64).view(SHAPES[i]) for i, ref in refs.items()}
 
 
+def assert_tracks_reference(params, expected, rtol):
+    """Each tensor (on any device) within ``rtol`` of its largest reference magnitude."""
+    for i, p in enumerate(params):
+        error = (p.detach().cpu().double() - expected[i]).abs().max().item()
+        assert error <= rtol * expected[i].abs().max().item(), (i, error)
+
+
+def assert_16_bit_run_tracks_reference(params, **backend):
+    """40 steps of 16-bit ``params`` (their state in their dtype), computed in float32 and rounded once per
+    step: the drift allowed is 1.5 units in the last place of the dtype per step, relative to each tensor's
+    largest magnitude, against the reference fed the gradients rounded to the dtype."""
+    dtype = params[0].dtype
+    optimizer = DualAdam(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, switch_rate=0.05, weight_decay=0.01, **backend)
+    grads = make_grads(STEPS)
+    run(optimizer, params, grads)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, alpha=linear_alpha(0.05))
+    expected = reference_run([(range(len(SHAPES)), hyper)], [[g.to(dtype).double() for g in s] for s in grads])
+    assert all(p.dtype == dtype and optimizer.state[p]["exp_avg"].dtype == dtype for p in params)
+    assert_tracks_reference(params, expected, 1.5 * STEPS * torch.finfo(dtype).eps)
+
+
 def assert_matches_reference(params, expected, rtol=1e-9, atol=1e-12):
     for i, p in enumerate(params):
         torch.testing.assert_close(p.detach().to(torch.float64), expected[i], rtol=rtol, atol=atol)

@@ -20,6 +20,7 @@ from kernel_launches import ItemCalls, compiles, kernel_device, record_launches
 from one_process_group import one_process_group
 from optim.test_optimizer import (
     CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run, run, run_with_a_resume,
+    assert_16_bit_run_tracks_reference, assert_tracks_reference,
 )
 from reference import linear_alpha
 
@@ -61,13 +62,6 @@ def on(device, tensors):
     return [torch.nn.Parameter(t.detach().to(device)) for t in tensors]
 
 
-def assert_tracks_reference(params, expected, rtol):
-    """Each tensor within ``rtol`` of its largest reference magnitude."""
-    for i, p in enumerate(params):
-        error = (p.detach().cpu().double() - expected[i]).abs().max().item()
-        assert error <= rtol * expected[i].abs().max().item(), (i, error)
-
-
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_default_backend_is_the_kernel_and_tracks_the_reference_twin(device, monkeypatch, case):
     """Every schedule, weight decay and maximize for 40 steps: one launch per step while alpha_t > 0, torch's
@@ -101,14 +95,7 @@ def test_invadam_and_two_groups(device, monkeypatch):
 def test_16_bit_params_track_the_reference(device, dtype):
     """Computed in float32 and rounded once per step: 1.5 units in the last place per step, relative to each
     tensor's largest magnitude, as for the other backends."""
-    params = on(device, make_params(dtype))
-    optimizer = DualAdam(params, **HYPER, switch_rate=0.05, weight_decay=0.01)
-    grads = make_grads(STEPS)
-    run(optimizer, params, grads)
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, alpha=linear_alpha(0.05))
-    expected = reference_run([(range(len(SHAPES)), hyper)], [[g.to(dtype).double() for g in s] for s in grads])
-    assert all(p.dtype == dtype and optimizer.state[p]["exp_avg"].dtype == dtype for p in params)
-    assert_tracks_reference(params, expected, 1.5 * STEPS * torch.finfo(dtype).eps)
+    assert_16_bit_run_tracks_reference(on(device, make_params(dtype)))
 
 
 def mirror_step(p, g, m, v, coefficients, decay, beta1, grad_weight1, beta2, grad_weight2):
