@@ -23,6 +23,7 @@ MAY_IMPORT = {
     "hf": {"hf", "optim"},
     "train": {"train", "hf", "models", "optim"},
     "analysis": {"analysis", "train", "hf", "models", "optim"},
+    "serve": {"serve", "train", "hf", "models"},
 }
 # third-party packages each layer may not import, at any depth (torchao: see test_torchao_stays_optional)
 FORBIDDEN_EXTERNAL = {
@@ -30,6 +31,7 @@ FORBIDDEN_EXTERNAL = {
     "models": {"matplotlib", "datasets"},
     "hf": {"matplotlib"},
     "train": {"matplotlib"},
+    "serve": {"matplotlib"},
 }
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,13 +26,16 @@ from accelerate.utils import gather_object
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints, speed_metrics
 
-from dualadam_hf.hf.checkpoints import TRAINER_STATE, latest_complete, partial_dirs, publish, staging_dir
+from dualadam_hf.hf.checkpoints import (TRAINER_STATE, latest_complete, partial_dirs, publish, save_failures_in_one_line,
+                                        skipped_note, staging_dir, write_manifest)
 from dualadam_hf.hf.generation import Prompt, generate, markdown_table, select_prompts, shard, write_samples
 from dualadam_hf.hf.generation import summarize as summarize_generations
 from dualadam_hf.hf.launch import check_deepspeed_precision
 from dualadam_hf.hf.metrics import per_example_stats, safe_perplexity, summarize
 from dualadam_hf.hf.packing import batch_token_counts, segment_bounds, token_metrics
+from dualadam_hf.hf.preemption import PreemptionWatch, RunPreempted
 from dualadam_hf.hf.registration import OPTIMIZERS, is_ours, run_length
+from dualadam_hf.hf.resume import apply_accepted_changes, group_settings, write_run_settings
 from dualadam_hf.hf.settings import inv_scale_on_shards, settings_of, settle
 from dualadam_hf.hf.unwrap import find_dualadam, unwrap_optimizer
 from dualadam_hf.optim import DualAdam
@@ -105,9 +109,10 @@ class DualAdamTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Let a run replace the run already in output_dir (its checkpoints and result files are removed "
-            "first). Without it, the scripts refuse an output_dir that holds a finished run or checkpoints, unless "
-            "they resume from it."
+            "help": "Let a run replace the run already in output_dir: everything in it is moved into "
+            "output_dir/.previous-run when the run starts, put back if the run stops before its first save, and "
+            "removed once it has saved. Without it, the scripts refuse an output_dir that holds a finished run or "
+            "checkpoints, unless they resume from it."
         },
     )
     resume_weights_only: bool = field(
@@ -115,6 +120,21 @@ class DualAdamTrainingArguments(TrainingArguments):
         metadata={
             "help": "With resume_from_checkpoint: take the checkpoint's weights and trainer state but a fresh optimizer "
             "and learning-rate schedule (alpha restarts at 1). Without it a checkpoint lacking optimizer state is refused."
+        },
+    )
+    resume_accept_changes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Settings a resume may change from the checkpoint's recipe (comma-separated names, e.g. "
+            "learning_rate,switch_rate); each is applied from the resumed step and recorded in run_config.json. "
+            "Without it a resume that changes any recorded setting is refused, naming each change."
+        },
+    )
+    save_on_preemption: bool = field(
+        default=True,
+        metadata={
+            "help": "On SIGTERM, SIGINT or SIGUSR1 (SLURM's --signal): finish the optimizer step, save a checkpoint, "
+            "stop with exit code 128 + the signal's number. A second signal stops at once."
         },
     )
 
@@ -152,6 +172,9 @@ class DualAdamTrainingArguments(TrainingArguments):
             self.metric_for_best_model = "eval_ppl"
         if self.greater_is_better is None and str(self.metric_for_best_model).endswith(LOWER_IS_BETTER):
             self.greater_is_better = False  # transformers would take any name but *loss for higher-is-better
+        if isinstance(self.report_to, str) and "," in self.report_to:  # "wandb,tensorboard": transformers takes
+            # it for one reporter's name
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         super().__post_init__()
         if self.generation_eval_samples < 0 or self.generation_max_new_tokens < 1:
             raise ValueError(
@@ -203,6 +226,8 @@ class DualAdamMetricsMixin:
     # [non-pad tokens, tokens of the padded layout] trained on by this process since train() began
     _token_counts: torch.Tensor | None = None
     _checkpoint_staging: str | None = None
+    _preemption: PreemptionWatch | None = None
+    _fresh_groups: list[dict[str, Any]] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("compute_metrics") is not None or kwargs.get("preprocess_logits_for_metrics") is not None:
@@ -252,7 +277,11 @@ class DualAdamMetricsMixin:
         without packing, removed with it) and ``train_nonpad_tokens_per_second`` (over ``train_runtime``
         less the evaluations run during training)."""
         self._token_counts, self._evaluation_seconds = None, 0.0
-        result = super().train(*args, **kwargs)
+        if getattr(self.args, "save_on_preemption", False):
+            with PreemptionWatch() as self._preemption:
+                result = super().train(*args, **kwargs)
+        else:
+            result = super().train(*args, **kwargs)
         counts = self._token_counts
         if counts is None:
             counts = torch.zeros(2, dtype=torch.float64, device=self.args.device)
@@ -269,12 +298,24 @@ class DualAdamMetricsMixin:
         step = self.state.global_step + 1
         which = "the training loss" if not math.isfinite(loss) else "the gradient norm"
         value = loss if not math.isfinite(loss) else grad_norm
-        last, _ = latest_complete(self.args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved before it"
+        last, skipped = latest_complete(self.args.output_dir)  # complete and matching its manifest
+        kept = f"the last good checkpoint is {last}" if last is not None else "no good checkpoint was saved before it"
+        kept += f" ({skipped_note(skipped)})" if skipped else ""
         raise NonFiniteError(
             f"step {step}: {which} is {value} (loss {loss:.6g}, gradient norm {grad_norm:.6g}); stopped before the "
             f"optimizer applied it, no final model saved; {kept}"
         )
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        """After each optimizer step: on a signal any process received, save a checkpoint (no evaluation: a
+        preempted job has seconds) and stop the run with ``RunPreempted``."""
+        signum = None if self._preemption is None else self._preemption.agreed(self.args.device, self.args.world_size)
+        if signum is not None:
+            self.control.should_evaluate, self.control.should_save = False, True
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        if signum is not None:
+            step = self.state.global_step
+            raise RunPreempted(signum, step, Path(super()._get_output_dir(None)) / f"checkpoint-{step}")
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and getattr(self.args, "resume_weights_only", False):
@@ -282,31 +323,47 @@ class DualAdamMetricsMixin:
                            "schedule (alpha restarts at 1)", checkpoint)
             return
         super()._load_optimizer_and_scheduler(checkpoint)
+        changes = [change for change in getattr(self.args, "resume_changes", None) or []
+                   if change["step"] == self.state.global_step]
+        if checkpoint is not None and changes:
+            apply_accepted_changes(unwrap_optimizer(self.optimizer), self.lr_scheduler, self._fresh_groups, changes)
+            logger.warning("resume: %s", "; ".join(f"{c['key']} {c['old']} -> {c['new']}" for c in changes))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            write_run_settings(output_dir, self.args)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint, written into a hidden staging folder and renamed into place."""
+        """The Trainer's checkpoint, written into a hidden staging folder, listed with its checksums in its manifest
+        and renamed into place. A save the OS refuses raises ``SaveError``, the staging folder removed."""
         run_dir = super()._get_output_dir(trial)
         step = self.state.global_step
         staging = staging_dir(run_dir, step)
+        final = Path(run_dir) / f"checkpoint-{step}"
         if self.args.should_save:
             for stale in partial_dirs(run_dir):  # left by a crash, this run's or an earlier one's
                 logger.warning("removing %s, a checkpoint a crashed save left unfinished", stale)
                 shutil.rmtree(stale)
         self.accelerator.wait_for_everyone()
-        self._checkpoint_staging = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging = None
-        self.accelerator.wait_for_everyone()  # every process has written its part
+        with save_failures_in_one_line(final, partial=staging, kept="earlier checkpoints are kept"):
+            self._checkpoint_staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_staging = None
+            self.accelerator.wait_for_everyone()  # every process has written its part
+            if self.args.should_save:
+                written = staging / final.name
+                if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(str(staging)):
+                    self.state.best_model_checkpoint = str(final)
+                    self.state.save_to_json(str(written / TRAINER_STATE))
+                write_manifest(written)  # last: the manifest vouches for the files as they are published
+                publish(run_dir, step)
         if self.args.should_save:
-            final = publish(run_dir, step)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(str(staging)):
-                self.state.best_model_checkpoint = str(final)
-                self.state.save_to_json(str(final / TRAINER_STATE))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
@@ -340,6 +397,7 @@ class DualAdamMetricsMixin:
         with run_length(self.state.max_steps or None):
             optimizer = super().create_optimizer(model)
         self._refuse_rescaling_shards(optimizer)
+        self._fresh_groups = group_settings(unwrap_optimizer(optimizer))  # before a checkpoint's are loaded
         logger.info("optimizer: %s", type(unwrap_optimizer(optimizer)).__name__)
         return optimizer
 
@@ -359,17 +417,24 @@ class DualAdamMetricsMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP with sharded checkpoints the Trainer's save_model writes no model at all: the
         model a run hands over is gathered into one loadable file instead (the final save that
-        accelerate's ``set_state_dict_type`` is meant for); checkpoints stay sharded."""
-        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        if plugin is None or _internal_call or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        accelerate's ``set_state_dict_type`` is meant for); checkpoints stay sharded.
+
+        A final save the OS refuses (disk full, file-size limit, ...) raises ``SaveError``, the files it wrote
+        removed; a checkpoint's part (``_internal_call``) leaves that to ``_save_checkpoint``."""
+        if _internal_call:
             super().save_model(output_dir, _internal_call)
             return
-        sharded = plugin.state_dict_type
-        plugin.set_state_dict_type("FULL_STATE_DICT")
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            plugin.set_state_dict_type(sharded)
+        with save_failures_in_one_line(Path(output_dir or self.args.output_dir), kept="the run's checkpoints are kept"):
+            plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+            if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+                super().save_model(output_dir, _internal_call)
+                return
+            sharded = plugin.state_dict_type
+            plugin.set_state_dict_type("FULL_STATE_DICT")
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                plugin.set_state_dict_type(sharded)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

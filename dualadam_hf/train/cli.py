@@ -8,15 +8,23 @@ stops there (--dry_run) or runs. Every user mistake ends in one line on stderr a
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import TrainerCallback
+
+from dualadam_hf.hf.checkpoints import SaveError
 from dualadam_hf.hf.packing import PackingError
+from dualadam_hf.hf.preemption import RunPreempted
+from dualadam_hf.hf.resume import check_resume, checkpoint_step
 from dualadam_hf.hf.trainer import LaunchConfigError, NonFiniteError
 from dualadam_hf.models.loading import ModelLoadError
-from dualadam_hf.train.preflight import check_run_directories, clear_previous_run
+from dualadam_hf.train.preflight import check_run_directories, check_settings, sets_aside_previous_run
+from dualadam_hf.train.run_dir import OutputDirInUse, hold, let_go, mark_saved
 from dualadam_hf.train.recipe import parse_for_this_machine
 from dualadam_hf.train.records import write_run_record
 
@@ -41,8 +49,11 @@ def script_main(
     description: str,
     describe: Callable[..., str],
     run: Callable[..., Any],
+    resume_details: Callable[..., dict[str, Any]] | None = None,
 ) -> int:
-    """``describe`` and ``run`` take the parsed dataclasses in order, without RunArguments."""
+    """``describe``, ``run`` and ``resume_details`` take the parsed dataclasses in order, without RunArguments;
+    ``resume_details`` says what, besides the optimizer's settings, a checkpoint's state depends on (model,
+    PEFT, data), for the resume check."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parsed, note = parse_for_this_machine(argument_types, argv, prog=prog, description=description)
@@ -51,7 +62,12 @@ def script_main(
         training_args = settings[-1]
         if training_args.optim_args_note:  # DualAdamTrainingArguments settled optim_args when it was built
             note += f"\nnote:            {training_args.optim_args_note}"
-        for line in check_run_directories(training_args).splitlines():
+        for line in [*check_settings(training_args, dry_run=run_args.dry_run).splitlines(),
+                     *check_run_directories(training_args).splitlines()]:
+            note += f"\nnote:            {line}"
+        training_args.run_details = resume_details(*settings) if resume_details else {}
+        resumed_step = checkpoint_step(training_args.resume_from_checkpoint)
+        for line in check_resume(training_args, resumed_step).splitlines():
             note += f"\nnote:            {line}"
         summary = describe(*settings) + note
     except ValueError as error:  # RecipeError included: one line, naming the culprit
@@ -61,22 +77,52 @@ def script_main(
         print(summary)
         return 0
     if training_args.process_index == 0:
+        try:  # locked, and the previous run set aside, until the run ends (dualadam_hf.train.run_dir)
+            hold(training_args, set_aside=sets_aside_previous_run(training_args))
+        except OutputDirInUse as error:  # taken since pre-flight looked
+            report_error(str(error))
+            return 2
         print(summary, flush=True)
-        clear_previous_run(training_args)
     finished = False
     try:
         run(*settings)
         finished = True
-    except (DataError, ModelLoadError, NonFiniteError) as error:
+    except (DataError, ModelLoadError, NonFiniteError, SaveError) as error:
         report_error(str(error))
         return 1
     except (LaunchConfigError, PackingError) as error:  # the launcher's config, read once the Trainer exists;
         # a model that cannot be packed, known once it is loaded
         report_error(str(error))
         return 2
+    except RunPreempted as stop:  # every process stops at the same step, after the checkpoint is written
+        finished = True
+        if training_args.process_index == 0:
+            sys.stderr.write(f"{stop}; {resume_command(argv, stop.checkpoint)}\n")
+            sys.stderr.flush()
+        return stop.exit_code
+    except KeyboardInterrupt:  # before or after the training loop, where Ctrl-C is not turned into a checkpoint
+        report_error("interrupted (Ctrl-C) outside the training loop: nothing more was saved")
+        return 130
     finally:
+        let_go()  # puts the previous run back if this one never saved
         release_process_group(wait_for_the_others=finished)
     return 0
+
+
+def resume_command(argv: Sequence[str], checkpoint: Any) -> str:
+    """How to continue a stopped run: its command line with ``--resume_from_checkpoint`` pointing at ``checkpoint``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume_from_checkpoint":
+            skip = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    flags = shlex.join([*kept, "--resume_from_checkpoint", str(checkpoint)])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"resume with the same launch command and: {flags}"
+    return f"resume with: python {shlex.quote(sys.argv[0])} {flags}"
 
 
 def report_error(message: str) -> None:
@@ -118,8 +164,10 @@ def train_and_save(
 ) -> dict[str, float]:
     """Train (resuming if asked), save the model and trainer_state.json, evaluate on each
     (metric prefix, dataset or None for the validation set), save every metrics file and run_config.json."""
+    trainer.add_callback(MarkSaved())
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    mark_saved()
     trainer.save_state()
     metrics = dict(result.metrics, **(extra_train_metrics or {}))
     trainer.log_metrics("train", metrics)
@@ -133,8 +181,18 @@ def train_and_save(
         metrics.update(split_metrics)
     trainer.save_state()  # again, so trainer_state.json holds the final evaluations too
     if trainer.is_world_process_zero():
-        write_run_record(training_args, run_kind, **run_details)
+        # accepted resume changes, each with the step it took effect (dualadam_hf.hf.resume)
+        write_run_record(training_args, run_kind, **run_details,
+                         recipe_changes=getattr(training_args, "resume_changes", None) or [])
     return metrics
+
+
+class MarkSaved(TrainerCallback):
+    """Tells the run directory that a checkpoint is published (``on_save`` follows the mixin's ``publish``):
+    from then on a failed run keeps its own checkpoints, and the previous run it set aside can go."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        mark_saved()
 
 
 def evaluation_at_the_end(trainer: Any, prefix: str) -> dict[str, float] | None:

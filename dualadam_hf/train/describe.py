@@ -104,5 +104,6 @@ def run_lines(args: Any, unit: str) -> list[str]:
         f"precision:       {precision}",
         f"evaluation:      {evaluation}{best}",
         f"generation:      {generation}",
+        f"reporting to:    {', '.join(args.report_to) or 'none'}",
         f"output_dir:      {args.output_dir}",
     ]

@@ -40,7 +40,10 @@ class ModelArguments:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": f"Weights' dtype when loading: one of {', '.join(DTYPES)}."},
+        metadata={
+            "help": f"Weights' dtype when loading: one of {', '.join(DTYPES)}. The built-in tiny model is built in "
+            "float32 and cast to it (auto: float32)."
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa, flash_attention_2, ... (None: the model's default)."}
@@ -151,17 +154,19 @@ def resolve_dataset_name(data_args: DataArguments) -> None:
 
 def load_model_and_tokenizer(model_args: ModelArguments, seed: int) -> tuple[Any, Any]:
     """The hub/local path for real models; the built-in tiny Llama and its shipped tokenizer offline."""
+    import torch
+
     from dualadam_hf.models.tiny import build_tiny_llama, load_tiny_tokenizer
 
     if is_builtin(model_args.model_name_or_path):
         tokenizer = load_tiny_tokenizer()
         model = build_tiny_llama(tokenizer, seed=seed)
+        if model_args.dtype != "auto":  # as a hub model loaded with this dtype: weights, optimizer state, compute
+            model.to(getattr(torch, model_args.dtype))
         if model_args.attn_implementation is not None:
             model.set_attn_implementation(model_args.attn_implementation)
         model.use_kernels = model_args.use_kernels  # built from a config: transformers' default does not apply
         return model, tokenizer
-
-    import torch
 
     from dualadam_hf.models.loading import load_causal_lm
 
@@ -195,6 +200,7 @@ def run(
 ) -> dict[str, float]:
     """Load, prepare, train, evaluate, save. Data problems stop the run before anything is written."""
     resolve_dataset_name(data_args)
+    from dualadam_hf.hf.checkpoints import free_space_warning
     from dualadam_hf.hf.packing import packed_collator, prepare_for_packing
     from dualadam_hf.hf.trainer import DualAdamTrainer
     from dualadam_hf.train.sft_data import SFTCollator, prepare_datasets
@@ -217,6 +223,9 @@ def run(
         data_collator=packed_collator() if data_args.packing else SFTCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
+    shortfall = free_space_warning(training_args, trainer.model)  # the parameter count is known from here on
+    if shortfall and training_args.should_save:
+        logger.warning("warning: %s", shortfall)
     return train_and_save(
         trainer,
         training_args,
@@ -240,5 +249,24 @@ def run(
     )
 
 
+def resume_details(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: DualAdamTrainingArguments,
+) -> dict[str, Any]:
+    """What a checkpoint's state depends on besides the optimizer's settings (``dualadam_hf.hf.resume``)."""
+    from dualadam_hf.hf.resume import data_fingerprint
+
+    dataset = str(ALPACA_ZH_SAMPLE) if data_args.dataset_name == BUILTIN_SAMPLE else data_args.dataset_name
+    peft = (f"LoRA r={lora_args.lora_r} alpha={lora_args.lora_alpha} dropout={lora_args.lora_dropout} "
+            f"targets={lora_args.lora_target_modules or 'all-linear'}" if lora_args.use_peft else "none")
+    return dict(model=model_args.model_name_or_path, dtype=model_args.dtype, peft=peft,
+                dataset=data_fingerprint(dataset), train_split=data_args.train_split,
+                max_seq_length=data_args.max_seq_length, max_train_samples=data_args.max_train_samples,
+                packing=data_args.packing)
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "finetune.py", description: str = "") -> int:
-    return script_main(ARGUMENT_TYPES, argv, prog=prog, description=description, describe=describe, run=run)
+    return script_main(ARGUMENT_TYPES, argv, prog=prog, description=description, describe=describe, run=run,
+                       resume_details=resume_details)

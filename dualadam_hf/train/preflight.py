@@ -1,9 +1,12 @@
 """Checks a run makes before it loads anything (the dry run makes them too), each refusal one line.
 
-- ``output_dir``: not a file, writable, and not holding a finished run or checkpoints unless
-  ``overwrite_output_dir`` says to replace it or the run resumes from it;
+- ``output_dir``: not a file, writable, not in use by another run (``run_dir``), and not holding a finished
+  run or checkpoints unless ``overwrite_output_dir`` says to replace it or the run resumes from it;
 - ``resume_from_checkpoint``: ``latest`` / ``true`` become the newest complete checkpoint of ``output_dir``;
   a path must be a complete checkpoint, with its optimizer state unless ``resume_weights_only``.
+
+``check_settings`` refuses what the Trainer would otherwise take and then ignore or fail on late: reporters
+that are unknown or not installed, a run of zero steps, fp16 where it cannot apply.
 
 (Hyperparameters that are not finite are refused earlier, by ``DualAdamTrainingArguments``.)
 """
@@ -11,18 +14,20 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from dualadam_hf.hf.checkpoints import FINISHED_RUN_FILES, checkpoints_in, latest_complete, missing_parts, partial_dirs
+from dualadam_hf.hf.checkpoints import (FINISHED_RUN_FILES, MANIFEST, checkpoints_in, latest_complete, missing_parts,
+                                        skipped_note, verify)
+from dualadam_hf.train.run_dir import ASIDE, entries, holder, in_use_message
 
 LATEST = ("latest", "true")
 
 
 def _resolve_resume(args: Any) -> str:
-    """Settle ``args.resume_from_checkpoint`` to a complete checkpoint's path or None; returns a note."""
+    """Settle ``args.resume_from_checkpoint`` to the path of a complete checkpoint whose files match its manifest,
+    or None; returns a note. Reads every file of the checkpoint once (seconds for 14 GB: docs/reliability.md)."""
     value = args.resume_from_checkpoint
     if value is None or str(value).strip().lower() in ("", "false", "none"):
         args.resume_from_checkpoint = None
@@ -30,21 +35,30 @@ def _resolve_resume(args: Any) -> str:
     if str(value).strip().lower() in LATEST:
         checkpoint, skipped = latest_complete(args.output_dir)
         if checkpoint is None:
-            raise ValueError(f"resume_from_checkpoint {value}: no complete checkpoint in {args.output_dir}")
-        args.resume_from_checkpoint = str(checkpoint)
+            raise ValueError(f"resume_from_checkpoint {value}: no complete checkpoint in {args.output_dir}"
+                             + (f" ({skipped_note(skipped)})" if skipped else ""))
         note = f"resuming from {checkpoint} (the newest complete checkpoint"
-        return note + (f"; skipped incomplete {', '.join(p.name for p in skipped)})" if skipped else ")")
-    checkpoint = Path(value)
-    if not checkpoint.is_dir():
-        raise ValueError(f"resume_from_checkpoint {value}: no such folder")
-    missing = missing_parts(checkpoint, optimizer=not args.resume_weights_only)
-    if missing:
-        hint = ("; set resume_weights_only: true to resume its weights with a fresh optimizer"
-                if missing == ["optimizer state (optimizer.pt)"] else "")
-        raise ValueError(f"resume_from_checkpoint {value}: not a complete checkpoint, no {' and no '.join(missing)}{hint}")
-    if args.resume_weights_only:
-        return f"resuming the weights of {checkpoint} with a fresh optimizer: alpha and the learning-rate schedule restart"
-    return f"resuming from {checkpoint}"
+        note += f"; {skipped_note(skipped)})" if skipped else ")"
+    else:
+        checkpoint = Path(value)
+        if not checkpoint.is_dir():
+            raise ValueError(f"resume_from_checkpoint {value}: no such folder")
+        missing = missing_parts(checkpoint, optimizer=not args.resume_weights_only)
+        if missing:
+            hint = ("; set resume_weights_only: true to resume its weights with a fresh optimizer"
+                    if missing == ["optimizer state (optimizer.pt)"] else "")
+            raise ValueError(f"resume_from_checkpoint {value}: not a complete checkpoint, no {' and no '.join(missing)}{hint}")
+        problems = verify(checkpoint, optimizer=not args.resume_weights_only)
+        if problems:
+            raise ValueError(f"resume_from_checkpoint {value}: its files changed after the save, {'; '.join(problems)} "
+                             f"({MANIFEST}); resume from an earlier checkpoint")
+        note = (f"resuming the weights of {checkpoint} with a fresh optimizer: alpha and the learning-rate schedule "
+                "restart" if args.resume_weights_only else f"resuming from {checkpoint}")
+    args.resume_from_checkpoint = str(checkpoint)
+    if not (checkpoint / MANIFEST).is_file():
+        note += (f"\n{checkpoint.name} has no {MANIFEST} (saved by plain transformers or an older dualadam_hf): its "
+                 "parts were checked, not its bytes")
+    return note
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -63,7 +77,10 @@ def _check_writable(output_dir: Path) -> None:
 def _previous_run(output_dir: Path) -> list[str]:
     if not output_dir.is_dir():
         return []
-    return [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()] + [
+    # a run set aside by an overwrite that was killed before its first save is still a run (run_dir)
+    aside = (output_dir / ASIDE).is_dir()
+    aside = [f"{ASIDE} (a run set aside by an overwrite that stopped before saving)"] if aside else []
+    return aside + [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()] + [
         path.name for path in reversed(checkpoints_in(output_dir))
     ]
 
@@ -74,6 +91,20 @@ def _resumes_into(args: Any, output_dir: Path) -> bool:
     return checkpoint is not None and Path(checkpoint).resolve().parent == output_dir.resolve()
 
 
+def sets_aside_previous_run(args: Any) -> bool:
+    """Whether this run moves what output_dir holds aside when it starts (``run_dir``): it overwrites, and does
+    not resume from one of output_dir's own checkpoints."""
+    return bool(args.overwrite_output_dir) and not _resumes_into(args, Path(args.output_dir))
+
+
+def _check_overwrite_target(output_dir: Path) -> None:
+    """An overwrite moves aside, then removes, every entry of output_dir: never the folder the user works in."""
+    target, here = output_dir.resolve(), Path.cwd().resolve()
+    if target in (here, *here.parents, Path.home().resolve()):
+        raise ValueError(f"output_dir {output_dir}: overwrite_output_dir would remove everything in {target}, which "
+                         "holds the current or home directory; give the run a folder of its own")
+
+
 def check_run_directories(args: Any) -> str:
     """Refuse what would lose or mix runs; settle the checkpoint to resume from. Leaves nothing behind (the
     writability test's scratch folder is removed at once)."""
@@ -81,6 +112,10 @@ def check_run_directories(args: Any) -> str:
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir}: exists and is a file")
     _check_writable(output_dir)
+    # the main process only: under accelerate launch the others belong to the run that takes the lock
+    who = holder(output_dir) if args.process_index == 0 else None
+    if who is not None:
+        raise ValueError(in_use_message(output_dir, who))
     note = _resolve_resume(args)
     resuming_here = _resumes_into(args, output_dir)
     previous = _previous_run(output_dir)
@@ -90,21 +125,49 @@ def check_run_directories(args: Any) -> str:
             f"output_dir {output_dir} already holds a run ({shown}); set overwrite_output_dir: true to replace it, "
             "or resume_from_checkpoint: latest to continue it"
         )
-    if previous and args.overwrite_output_dir and not resuming_here:
-        note = "\n".join(filter(None, [note, f"overwrite_output_dir: the run in {output_dir} is removed first"]))
+    if sets_aside_previous_run(args) and output_dir.is_dir() and (previous or entries(output_dir)):
+        _check_overwrite_target(output_dir)
+        note = "\n".join(filter(None, [note, (
+            f"overwrite_output_dir: what {output_dir} holds is moved aside into {ASIDE} when the run starts, put back "
+            "if the run stops before its first save, removed once it has saved")]))
     return note
 
 
-def clear_previous_run(args: Any) -> None:
-    """With overwrite_output_dir, remove the earlier run's checkpoints and result files, so that the newest
-    checkpoint and every result file in output_dir are this run's."""
-    output_dir = Path(args.output_dir)
-    if not args.overwrite_output_dir or not output_dir.is_dir():
-        return
-    if _resumes_into(args, output_dir):
-        return
-    for path in [*checkpoints_in(output_dir), *partial_dirs(output_dir)]:
-        shutil.rmtree(path)
-    for name in FINISHED_RUN_FILES:
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink()
+
+# Reporters whose availability check in transformers.integrations is not named is_<name>_available
+REPORTER_CHECKS = {"azure_ml": "is_azureml_available", "comet_ml": "is_comet_available",
+                   "flyte": "is_flytekit_available"}
+
+
+def check_settings(args: Any, *, dry_run: bool) -> str:
+    """Refuse settings the Trainer would take and then fail on after the model is loaded, or ignore; returns a
+    note (a dry run on a machine without the GPU a recipe needs says what a run here would do)."""
+    _check_reporters(args.report_to)
+    if args.max_steps == 0:
+        raise ValueError("max_steps 0 trains nothing; set max_steps to the number of optimizer steps, or -1 to train "
+                         "num_train_epochs epochs")
+    if args.max_steps < 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs {args.num_train_epochs:g} trains nothing; set num_train_epochs above 0, "
+                         "or max_steps to the number of optimizer steps")
+    if args.fp16 and args.device.type == "cpu":
+        # Accelerate turns fp16 autocast on for accelerators only: on the CPU the run would train in fp32
+        if dry_run and not args.use_cpu:
+            return "fp16 needs a GPU; this machine has none, and a run here is refused"
+        raise ValueError("fp16 needs a GPU: on the CPU the run would train in fp32; set bf16: true (autocast on "
+                         "the CPU) or fp16: false")
+    return ""
+
+
+def _check_reporters(report_to: list[str]) -> None:
+    """Each name of ``report_to`` known to transformers and installed (a comma-joined list is split by
+    DualAdamTrainingArguments)."""
+    from transformers.integrations import integration_utils
+
+    known = integration_utils.INTEGRATION_TO_CALLBACK
+    for name in report_to:
+        if name not in known:
+            raise ValueError(f"report_to {name!r}: unknown; known: {', '.join(sorted(known))}, all, none")
+        check = REPORTER_CHECKS.get(name, f"is_{name}_available")
+        if hasattr(integration_utils, check) and not getattr(integration_utils, check)():
+            raise ValueError(f"report_to {name}: not installed or not set up here (transformers' {check}() is false); "
+                             "install it or remove it from report_to")

@@ -6,14 +6,18 @@ loss (and the perplexity derived from it) is measured on response tokens and the
 """
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
+from datasets.utils import logging as datasets_logging
 
 from dualadam_hf.train.cli import DataError
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label of a token that takes no part in the loss (the value torch's cross-entropy ignores)."""
@@ -30,6 +34,8 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 _BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# What datasets reads as a split's data in a dataset folder
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 _REQUIRED_FIELDS = ("instruction", "output")
 
 
@@ -136,7 +142,7 @@ def alpaca_texts(path: Path) -> list[str]:
     return [format_alpaca_prompt(r["instruction"], r.get("input") or "") + r["output"] for r in records]
 
 
-def _has_chat_template(tokenizer) -> bool:
+def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
@@ -151,20 +157,35 @@ def build_prompt(tokenizer, instruction: str, input_text: str) -> str:
     Under a chat template it is the rendered user turn followed by the assistant's opening
     (``add_generation_prompt``), exactly what the model sees at inference.
     """
-    if not _has_chat_template(tokenizer):
+    if not has_chat_template(tokenizer):
         return format_alpaca_prompt(instruction, input_text)
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_turn(instruction, input_text)}], tokenize=False, add_generation_prompt=True
     )
 
 
+def encode_prompt(tokenizer, instruction: str, input_text: str) -> list[int]:
+    """The ids the model reads before the response, as a training example holds them (and as the model is asked
+    at inference): the rendered chat template tokenized with the tokenizer's defaults (a bos it adds included),
+    or bos (when the tokenizer has one) and the Alpaca prompt."""
+    prompt = build_prompt(tokenizer, instruction, input_text)
+    if has_chat_template(tokenizer):
+        return tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id, *ids]
+
+
 def _read_local_file(path: Path, builder: str) -> DatasetDict:
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # it logs a parse error, then raises it: said once, below
     try:
         return load_dataset(builder, data_files=str(path))
     except (DatasetGenerationError, ValueError, StopIteration) as error:
         # datasets fails in one of these ways on a file with no records and on malformed content.
         detail = str(error.__cause__ or error) or type(error).__name__
         raise DataError(f"{path}: no records could be read as {builder} ({detail})") from error
+    finally:
+        datasets_logging.set_verbosity(verbosity)
 
 
 def _load_splits(dataset_name: str) -> DatasetDict:
@@ -176,7 +197,23 @@ def _load_splits(dataset_name: str) -> DatasetDict:
         return _read_local_file(path, builder)
     if builder is not None:
         raise DataError(f"dataset file not found: {path}")
+    if path.is_dir():
+        _refuse_empty_files(path)
     return load_dataset(dataset_name)  # a Hub dataset id, or a local dataset folder
+
+
+def _refuse_empty_files(folder: Path) -> None:
+    """A split file with no records in a dataset folder: datasets would fail on it with a bare ValueError
+    ("Instruction 'validation' corresponds to no data!") that names neither the split nor the file."""
+    for path in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # datasets skips these too
+        if path.suffix.lower() in _DATA_SUFFIXES and path.is_file() and not hidden and _is_blank(path):
+            raise DataError(f"{path}: an empty file (no records) in the dataset folder {folder}")
+
+
+def _is_blank(path: Path) -> bool:
+    with path.open("rb") as data:
+        return not any(chunk.strip() for chunk in iter(lambda: data.read(1 << 16), b""))
 
 
 def _select_split(splits: DatasetDict, split: str, dataset_name: str) -> tuple[Dataset, str]:
@@ -258,7 +295,7 @@ def _chat_example(tokenizer, record: dict) -> tuple[list[int], int]:
             "labels cannot be placed (use a template whose generation prompt starts the assistant turn)"
         )
     input_ids = tokenizer(conversation)["input_ids"]
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, record["instruction"], record.get("input") or "")
     shared = next(
         (index for index, (a, b) in enumerate(zip(input_ids, prompt_ids)) if a != b), min(len(input_ids), len(prompt_ids))
     )
@@ -268,10 +305,7 @@ def _chat_example(tokenizer, record: dict) -> tuple[list[int], int]:
 def _alpaca_example(tokenizer, record: dict) -> tuple[list[int], int]:
     """[bos] + Alpaca prompt + response + eos, prompt and response tokenized apart (no dummy prefix here:
     the tokenizers without a chat template that this path serves are byte-level ones)."""
-    prompt_ids = tokenizer(build_prompt(tokenizer, record["instruction"], record.get("input") or ""),
-                           add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    prompt_ids = encode_prompt(tokenizer, record["instruction"], record.get("input") or "")
     response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
     return [*prompt_ids, *response_ids, tokenizer.eos_token_id], len(prompt_ids)
 
@@ -292,7 +326,7 @@ def tokenize_record(tokenizer, record: dict, max_seq_length: int) -> dict:
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; the response must end with one")
-    make = _chat_example if _has_chat_template(tokenizer) else _alpaca_example
+    make = _chat_example if has_chat_template(tokenizer) else _alpaca_example
     input_ids, prompt_length = make(tokenizer, record)
 
     kept_prompt_length = min(prompt_length, max_seq_length - 1)
@@ -335,9 +369,18 @@ def _tokenize(records: Dataset, tokenizer, max_seq_length: int, name: str) -> tu
 def prepare_datasets(data_args: DataArguments, tokenizer) -> PreparedData:
     """Load, check, split and tokenize the data that ``data_args`` names."""
     train_records, eval_records = load_records(data_args)
+    _warn_empty_outputs(train_records, eval_records)
     train, num_truncated_train = _tokenize(train_records, tokenizer, data_args.max_seq_length, "train")
     evaluation, num_truncated_eval = _tokenize(eval_records, tokenizer, data_args.max_seq_length, "eval")
     return PreparedData(train, evaluation, num_truncated_train, num_truncated_eval)
+
+
+def _warn_empty_outputs(train: Dataset, evaluation: Dataset) -> None:
+    """One warning line when records have an empty output: valid, but all they teach is to end the answer."""
+    counts = [sum(not text.strip() for text in records["output"]) for records in (train, evaluation)]
+    if any(counts):
+        logger.warning("data: %d of %d training and %d of %d evaluation records have an empty output (they teach "
+                       "only the end of an answer)", counts[0], len(train), counts[1], len(evaluation))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ complete or absent, ``latest``, optimizer-less checkpoints, and the pre-flight c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,34 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from dualadam_hf.analysis.compare import compare
 from dualadam_hf.hf.checkpoints import checkpoints_in, missing_parts
 from dualadam_hf.train.finetune import main
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = "recipes/tiny_alpaca.yaml"
-SHORT = ["--max_steps", "6", "--logging_steps", "1", "--eval_strategy", "no", "--max_train_samples", "32",
-         "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
-         "--save_steps", "2", "--disable_tqdm", "true", "--optim_args", "switch_ratio=1.0"]
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Writing model shards" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
-
+from tiny_runs import ROOT, SHORT, TINY, one_error_line, snapshot, weights
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
@@ -229,7 +205,9 @@ def test_two_processes_refuse_a_finished_output_dir_and_resume_from_latest(tmp_p
     assert again.stderr.count(f"error: output_dir {out} already holds a run") == 2, again.stderr[-3000:]
     assert snapshot(out) == before
 
-    resumed = launch_two("--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    # the first launch ran 4 steps: switch_ratio's xi changes with the run's length, a change to accept
+    resumed = launch_two("--output_dir", str(out), "--resume_from_checkpoint", "latest",
+                         "--resume_accept_changes", "run_length")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / 'checkpoint-4'}" in resumed.stdout
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6

@@ -75,6 +75,12 @@ class VisionArguments:
 ARGUMENT_TYPES = (VisionArguments, RunArguments, DualAdamTrainingArguments)
 
 
+def resume_details(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) -> dict[str, Any]:
+    """What a checkpoint's state depends on besides the optimizer's settings (``dualadam_hf.hf.resume``)."""
+    return dict(model=vision_args.model_name, dataset=vision_args.dataset_name, augmentation=vision_args.augmentation,
+                validation_size=vision_args.validation_size, split_seed=vision_args.split_seed)
+
+
 def describe(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) -> str:
     """The resolved configuration, as --dry_run prints it. Touches no data."""
     num_classes = KNOWN_NUM_CLASSES.get(vision_args.dataset_name)
@@ -154,4 +160,5 @@ def run(vision_args: VisionArguments, training_args: DualAdamTrainingArguments) 
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "train_vision.py", description: str = "") -> int:
-    return script_main(ARGUMENT_TYPES, argv, prog=prog, description=description, describe=describe, run=run)
+    return script_main(ARGUMENT_TYPES, argv, prog=prog, description=description, describe=describe, run=run,
+                       resume_details=resume_details)
