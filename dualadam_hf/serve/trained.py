@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualadam_hf.hf.checkpoints import CHECKPOINT, PARTIAL_PREFIX, checkpoints_in, missing_parts
+from dualadam_hf.hf.checkpoints import MANIFEST, CHECKPOINT, PARTIAL_PREFIX, checkpoints_in, missing_parts, verify
 from dualadam_hf.models.loading import TOKENIZER_FILES, ModelLoadError, first_line
 from dualadam_hf.models.tiny import is_builtin
 from dualadam_hf.train.records import RUN_RECORD, RunRecord, read_run_record
@@ -67,6 +67,9 @@ def load_trained(source: str, *, dtype: str = "auto") -> TrainedModel:
         return TrainedModel(model, tokenizer, source, None, None, None)
     if not folder.is_dir():
         raise ServeError(f"{source}: not a directory (give a run's output_dir, a checkpoint folder or a model folder)")
+    damage = verify(folder, optimizer=False)  # [] for a folder without a manifest (not a checkpoint of ours)
+    if damage:
+        raise ServeError(f"{folder}: its files differ from its {MANIFEST} ({'; '.join(damage)})")
     record = _record_for(folder)
     if (folder / ADAPTER_CONFIG).is_file():
         return _load_adapter(source, folder, record, dtype)
@@ -100,7 +103,8 @@ def _record_for(folder: Path) -> RunRecord | None:
 def _why_no_model(folder: Path) -> str:
     """The one line for a folder with neither full weights nor an adapter: an unfinished run, or no model at all."""
     checkpoints = checkpoints_in(folder)
-    usable = [checkpoint for checkpoint in checkpoints if not missing_parts(checkpoint, optimizer=False)]
+    usable = [checkpoint for checkpoint in checkpoints
+              if not missing_parts(checkpoint, optimizer=False) and not verify(checkpoint, optimizer=False)]
     if usable:
         return (f"{folder}: an unfinished run (no final model and no {RUN_RECORD} yet); its newest checkpoint "
                 f"is {usable[0]}: pass that folder")

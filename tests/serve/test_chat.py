@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from dualadam_hf.hf.generation import eos_ids
 from dualadam_hf.models.tiny import build_tiny_llama, load_tiny_tokenizer
 from dualadam_hf.serve.chat import Conversation, StreamedText, build_parser, generation_settings, main
+from dualadam_hf.train.finetune import main as finetune
 from dualadam_hf.train.sft_data import IGNORE_INDEX, tokenize_record
+from tiny_runs import SHORT, TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = ["用一句话介绍长城。", "Write a short poem about the sea.", "翻译成英文：我每天早上七点起床。"]
@@ -220,3 +222,20 @@ def test_help_explains_every_flag():
     assert all(action.help for action in parser._actions)
     assert {"--prompt", "--max_new_tokens", "--sample", "--seed", "--device", "--dtype"} <= {
         option for action in parser._actions for option in action.option_strings}
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert finetune([str(ROOT / TINY), *SHORT, "--max_steps", "2", "--output_dir", str(run)]) == 0
+    checkpoint = run / "checkpoint-2"
+    weights = checkpoint / "model.safetensors"
+    with weights.open("r+b") as file:  # flip 256 bytes in the middle of the tensors
+        file.seek(weights.stat().st_size // 2)
+        data = file.read(256)
+        file.seek(weights.stat().st_size // 2)
+        file.write(bytes(byte ^ 0xFF for byte in data))
+    capsys.readouterr()
+    assert main([str(checkpoint), "--prompt", MESSAGES[0]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint}: its files differ from its checkpoint_manifest.json (model.safetensors")
+    assert len(err.splitlines()) == 1
