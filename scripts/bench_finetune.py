@@ -12,7 +12,9 @@ Alpaca-schema records with Alpaca-GPT4-CN's token lengths; then each optimizer r
 on and/or off, each run in a fresh process. Per run: imports, model load, data preparation, trainer setup,
 first step (warm-up), seconds per optimizer step (median of steps 2..N, and the slowest), non-pad
 tokens/s, MFU, optimizer.step's share of a step, the final evaluation with and without its generation,
-the final save, the evaluations and checkpoints the run did in all, peak GPU memory.
+the final save, the evaluations and checkpoints the run did in all, peak GPU memory. A run saves no
+checkpoint while training (--save_strategy no: at --max_steps transformers would save one, ~17 GB at 1b,
+that the recipe's run saves once at its end); "-- --save_strategy steps" brings it back.
 
 MFU = 6 x parameters (without the input embedding) x non-pad tokens/s / peak; attention's score and value
 products and the recomputed forward of activation checkpointing are not counted. Peak: --peak-tflops, or
@@ -22,19 +24,25 @@ H100 / H200 NVL 835); on a CPU, none.
 Flags after "--" go to every run's finetune.py command line, after the benchmark's own (they win), e.g.
 "-- --generation_eval_samples 0" or "-- --attn_implementation eager". Each run gets the files written
 (--model_name_or_path, --dataset_name), --validation_fraction (holding out --eval-records), --max_steps,
---packing, --report_to none, --disable_tqdm true, its own --output_dir (deleted after the run), --bf16
-false without a GPU, and HF_HUB_OFFLINE=1; a flag finetune.py refuses stops the benchmark before any run.
-The table goes to stdout (--json: the JSON report), one progress line per run to stderr. Exit status: 0
-when every run finished, 1 when one failed (its error line is in the report), 2 for bad arguments.
+--packing, --save_strategy no, --report_to none, --disable_tqdm true, its own --output_dir (deleted after
+the run), --bf16 false without a GPU, and HF_HUB_OFFLINE=1; a flag finetune.py refuses stops the benchmark
+before any run. The table goes to stdout (--json: the JSON report), one progress line per run to stderr;
+--out is written before the first run and again after each (planned_runs names them all), so a benchmark
+stopped midway leaves the runs it finished; SIGTERM stops the benchmark and kills the run in progress at
+once (on its own, a run would finish its optimizer step and save a checkpoint, as preemption does). Exit
+status: 0 when every run finished, 1 when one failed (its error line is in the report), 2 for bad
+arguments, 143 when stopped by SIGTERM.
 See dualadam_hf/analysis/finetune_bench.py.
 """
 
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from dualadam_hf.analysis.finetune_bench import (
     EVAL_RECORDS, PACKINGS, RECIPES, SHAPES, TRAIN_RECORDS, BenchError, format_table, run_benchmark,
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"validation records written (default {EVAL_RECORDS}: the recipes' 2 %% of "
                         "Alpaca-GPT4-CN)")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
-    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report to FILE (a new file)")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="also write the JSON report to FILE (a new file), updated after each run")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep the checkpoint, the data and each run's log in DIR (new or empty; default: a "
                         "temporary folder, removed at the end)")
@@ -92,21 +101,34 @@ def main(argv: list[str] | None = None) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory(prefix="bench_finetune.") as folder:
-        workdir = Path(folder)
-        workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            report = run_benchmark(
-                shape=args.shape, steps=args.steps, optims=args.optim, packings=PACKINGS[args.packing],
-                recipes=RECIPES_DIR, workdir=workdir, peak_tflops=args.peak_tflops,
-                train_records=args.train_records, eval_records=args.eval_records, extra=extra, progress=progress,
-            )
-        except BenchError as error:
-            parser.error(str(error))
+    def write_report(report: dict) -> None:
+        if args.out is not None:  # whole or not at all: a stop mid-write leaves the previous version
+            partial = args.out.with_name(f".{args.out.name}.partial")
+            partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            partial.replace(args.out)
+
+    def stop(signum: int, frame: Any) -> None:
+        # an exception, so that subprocess.run kills the run in progress (SIGKILL: a run's own SIGTERM handling
+        # would finish the step and save a checkpoint) and the temporary folder is removed
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory(prefix="bench_finetune.") as folder:
+            workdir = Path(folder)
+            workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                report = run_benchmark(
+                    shape=args.shape, steps=args.steps, optims=args.optim, packings=PACKINGS[args.packing],
+                    recipes=RECIPES_DIR, workdir=workdir, peak_tflops=args.peak_tflops,
+                    train_records=args.train_records, eval_records=args.eval_records, extra=extra,
+                    progress=progress, on_report=write_report,
+                )
+            except BenchError as error:
+                parser.error(str(error))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
-    if args.out is not None:
-        with args.out.open("x", encoding="utf-8") as out:
-            out.write(json.dumps(report, indent=2) + "\n")
     return 0 if all(run["status"] == "ok" for run in report["runs"]) else 1
 
 

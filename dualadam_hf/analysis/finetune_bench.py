@@ -10,7 +10,10 @@ mapped to the published token statistics), written in Chinese characters of the 
 
 Each run is ``scripts/finetune.py``'s own path (``finetune.main``) with an optimizer's recipe
 (``RECIPES``), ``--max_steps`` and ``--packing`` set, in a fresh Python process: imports, loading and
-memory are measured as a user meets them, and one run's memory never weighs on the next. The child
+memory are measured as a user meets them, and one run's memory never weighs on the next. A run saves no
+checkpoint while training (``--save_strategy no``): with a step strategy transformers checkpoints at
+``--max_steps``, so every run of a few steps would save what the recipe's run saves once, at its end (at
+``1b``, fp32 weights and Adam moments: about 17 GB); its final ``save_model`` stays. The child
 process times the phases around three calls of the run (``instrumented``): loading the model, preparing
 the data, and the Trainer, a ``DualAdamTrainer`` with a callback that times each optimizer step and the
 ``optimizer.step()`` inside it. On a GPU the callback synchronizes the device at each boundary (the
@@ -30,7 +33,10 @@ None elsewhere):
   recipe asks for it; with a step strategy transformers runs it at the last step, and ``train_and_save``
   reports it rather than evaluating again), timed whole and its generation apart; save: the final
   ``save_model``; besides them, how many evaluations the run did in all and the checkpoints it saved while
-  training (with a step strategy, transformers checkpoints at the last step too).
+  training (none unless the flags ask for them, e.g. ``--save_strategy steps``).
+
+The report is handed to ``on_report`` before the first run and after each one, so a benchmark stopped
+midway (a timeout) leaves the runs it finished; ``planned_runs`` names them all.
 """
 
 from __future__ import annotations
@@ -455,12 +461,15 @@ def _error_line(log: Path) -> str:
 
 def finetune_args(recipe: Path, *, checkpoint: Path, data: Path, validation_fraction: float, steps: int,
                   packing: bool, output_dir: Path, on_cpu: bool, extra: Sequence[str]) -> list[str]:
-    """The command line of one run: the recipe, what the benchmark sets, then ``extra`` (which wins)."""
+    """The command line of one run: the recipe, what the benchmark sets, then ``extra`` (which wins).
+    No checkpoints while training: at ``max_steps`` transformers would save one that the recipe's run saves
+    once at its end, not every few steps (the module docstring)."""
     return [
         str(recipe), "--model_name_or_path", str(checkpoint), "--dataset_name", str(data),
         "--validation_fraction", repr(validation_fraction), "--max_steps", str(steps),
-        "--packing", str(packing).lower(), "--output_dir", str(output_dir), "--overwrite_output_dir", "true",
-        "--report_to", "none", "--disable_tqdm", "true", *(["--bf16", "false"] if on_cpu else []), *extra,
+        "--packing", str(packing).lower(), "--save_strategy", "no", "--output_dir", str(output_dir),
+        "--overwrite_output_dir", "true", "--report_to", "none", "--disable_tqdm", "true",
+        *(["--bf16", "false"] if on_cpu else []), *extra,
     ]
 
 
@@ -506,8 +515,9 @@ def _progress_line(result: dict[str, Any]) -> str:
     if result["status"] != "ok":
         return f"failed: {result['error']}"
     mfu = "" if result["mfu"] is None else f", MFU {100 * result['mfu']:.1f} %"
-    return (f"{result['step_seconds']:.3f} s/step, {result['nonpad_tokens_per_second']:,.0f} non-pad tokens/s{mfu}, "
-            f"{result['total_seconds']:.0f} s")
+    peak = "" if result["peak_gpu_memory_gib"] is None else f", peak {result['peak_gpu_memory_gib']:.1f} GiB"
+    return (f"{result['step_seconds']:.3f} s/step, {result['nonpad_tokens_per_second']:,.0f} non-pad tokens/s{mfu}"
+            f"{peak}, {result['total_seconds']:.0f} s")
 
 
 def run_benchmark(
@@ -523,9 +533,11 @@ def run_benchmark(
     eval_records: int = EVAL_RECORDS,
     extra: Sequence[str] = (),
     progress: Callable[[str], None] = lambda line: None,
+    on_report: Callable[[dict[str, Any]], None] = lambda report: None,
 ) -> dict[str, Any]:
     """Write the checkpoint and the data into ``workdir`` (an existing, empty folder), run every optimizer
-    with every packing, and return the report (the module docstring says what it holds)."""
+    with every packing, and return the report (the module docstring says what it holds); ``on_report``
+    gets it before the first run and after each."""
     if shape not in SHAPES:
         raise BenchError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     unknown = [optim for optim in optims if optim not in RECIPES]
@@ -567,15 +579,8 @@ def run_benchmark(
     config = {key: written[key] for key in OPENPANGU_1B}
     parameters, flop_parameters = parameter_counts(config)
 
-    results = []
-    for index, ((optim, packing), argv) in enumerate(zip(runs, argvs), start=1):
-        name = f"[{index}/{len(runs)}] {_run_name(optim, packing)}"
-        progress(f"{name}: running")
-        result = run_one(argv, workdir / f"run{index}", flop_parameters=flop_parameters, peak_tflops=peak)
-        result = {field: result.get(field) for field in RUN_FIELDS} | dict(optim=optim, packing=packing)
-        progress(f"{name}: {_progress_line(result)}")
-        results.append(result)
-    return dict(
+    results: list[dict[str, Any]] = []
+    report = dict(
         shape=shape,
         config=config,
         parameters=parameters,
@@ -592,8 +597,19 @@ def run_benchmark(
         write_checkpoint_seconds=write_checkpoint_seconds,
         write_data_seconds=write_data_seconds,
         finetune_flags=list(extra),
+        planned_runs=[_run_name(optim, packing) for optim, packing in runs],
         runs=results,
     )
+    on_report(report)
+    for index, ((optim, packing), argv) in enumerate(zip(runs, argvs), start=1):
+        name = f"[{index}/{len(runs)}] {_run_name(optim, packing)}"
+        progress(f"{name}: running")
+        result = run_one(argv, workdir / f"run{index}", flop_parameters=flop_parameters, peak_tflops=peak)
+        result = {field: result.get(field) for field in RUN_FIELDS} | dict(optim=optim, packing=packing)
+        progress(f"{name}: {_progress_line(result)}")
+        results.append(result)
+        on_report(report)
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:

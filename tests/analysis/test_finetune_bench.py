@@ -8,6 +8,10 @@ import json
 import math
 import runpy
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dualadam_hf.analysis.finetune_bench import (
     RUN_FIELDS,
     BenchError,
+    finetune_args,
     parameter_counts,
     peak_tflops_of,
     resize_checkpoint,
@@ -31,7 +36,7 @@ SCRIPT = ROOT / "scripts" / "bench_finetune.py"
 REPORT_FIELDS = {
     "shape", "config", "parameters", "flop_parameters", "device", "torch", "cuda", "transformers", "peak_tflops",
     "peak_tflops_source", "mfu_convention", "steps", "data", "write_checkpoint_seconds", "write_data_seconds",
-    "finetune_flags", "runs",
+    "finetune_flags", "planned_runs", "runs",
 }
 
 
@@ -117,6 +122,16 @@ def test_the_peak_table(name, tflops):
     assert peak_tflops_of(name)[0] == tflops
 
 
+def test_a_run_saves_no_checkpoint_while_training_unless_the_flags_ask():
+    common = dict(checkpoint=Path("ck"), data=Path("data.json"), validation_fraction=0.5, steps=3, packing=True,
+                  output_dir=Path("out"), on_cpu=True)
+    argv = finetune_args(Path("recipe.yaml"), extra=(), **common)
+    assert argv[argv.index("--save_strategy") + 1] == "no"
+    # the flags after "--" come last, so theirs wins
+    argv = finetune_args(Path("recipe.yaml"), extra=("--save_strategy", "steps"), **common)
+    assert argv[-2:] == ["--save_strategy", "steps"] and argv.index("--save_strategy") < len(argv) - 2
+
+
 def test_out_refuses_an_existing_file_in_one_line(bench_main, tmp_path, capsys):
     existing = tmp_path / "report.json"
     existing.write_text("{}", encoding="utf-8")
@@ -172,6 +187,7 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(bench_main, tmp_path, capsys):
     assert report["shape"] == "tiny" and report["steps"] == 3 and report["cuda"] is None
     assert report["peak_tflops"] == 0.5 and report["peak_tflops_source"] == "--peak-tflops"
     assert report["data"]["train_records"] == 24 and report["data"]["eval_records"] == 4
+    assert report["planned_runs"] == ["dualadam, packing on"] and not list(tmp_path.glob(".*.partial"))
     assert report["parameters"] == parameter_counts(report["config"])[0] > report["flop_parameters"] > 0
     [run] = report["runs"]
     assert set(run) == set(RUN_FIELDS)
@@ -187,6 +203,7 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(bench_main, tmp_path, capsys):
     assert run["mfu"] == pytest.approx(6 * report["flop_parameters"] * run["nonpad_tokens_per_second"] / 0.5e12)
     assert 0 < run["optimizer_share"] < 1
     assert run["evaluation_calls"] >= 1 and run["peak_gpu_memory_gib"] is None
+    assert (run["checkpoint_saves"], run["checkpoint_seconds"]) == (0, 0)  # --save_strategy no
     assert math.isfinite(run["train_loss"]) and abs(run["train_loss"] - math.log(report["config"]["vocab_size"])) < 1
 
 
@@ -194,13 +211,54 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(bench_main, tmp_path, capsys):
 def test_a_run_that_fails_is_reported_with_its_error_line(bench_main, tmp_path, capsys):
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed: the run would not fail")
+    out = tmp_path / "report.json"
     code = bench_main(["--steps", "2", "--optim", "adamw_torch_fused", "--packing", "off", "--train-records", "8",
-                       "--eval-records", "2", "--workdir", str(tmp_path / "work"), "--json", "--",
+                       "--eval-records", "2", "--workdir", str(tmp_path / "work"), "--json", "--out", str(out), "--",
                        "--attn_implementation", "flash_attention_2"])
     captured = capsys.readouterr()
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(captured.out)  # a failed run is kept too
     [run] = json.loads(captured.out)["runs"]
     assert code == 1 and run["status"] == "failed"
     assert run["error"].startswith("cannot load the model") and "FlashAttention2" in run["error"]
     assert all(run[field] is None for field in RUN_FIELDS if field not in ("optim", "packing", "status", "error"))
     assert f"[1/1] adamw_torch_fused, packing off: failed: {run['error']}" in captured.err.splitlines()
     assert (tmp_path / "work" / "run1" / "log.txt").is_file() and not (tmp_path / "work" / "run1" / "output").exists()
+
+
+def processes_naming(folder: Path) -> set[int]:
+    """The processes whose command line names ``folder`` (Linux's /proc; zombies have none)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(folder).encode() in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads the processes from /proc")
+def test_sigterm_kills_the_run_in_progress_and_keeps_the_report(tmp_path):
+    # on its own, a run's process finishes its optimizer step and saves a checkpoint on SIGTERM (preemption),
+    # running on after the benchmark that started it is gone
+    work, out = tmp_path / "work", tmp_path / "report.json"
+    bench = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--steps", "2", "--optim", "dualadam", "--packing", "on", "--train-records", "8",
+         "--eval-records", "2", "--workdir", str(work), "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_naming(work) - {bench.pid}:
+            assert bench.poll() is None and time.monotonic() < deadline, "the run's process never started"
+            time.sleep(0.2)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        bench.kill()
+    assert not processes_naming(work)  # the run's process went with it
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["planned_runs"] == ["dualadam, packing on"] and report["runs"] == []
+    assert not (work / "run1" / "report.json").exists()
+
