@@ -11,7 +11,10 @@ The recipe's keys are field names of the model, data, LoRA and TrainingArguments
 
 import sys
 
-from dualadam_hf.train.finetune import main
+try:
+    from dualadam_hf.train.finetune import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries load (seconds): nothing has started, nothing to say
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main(prog="finetune.py", description=__doc__))

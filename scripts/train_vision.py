@@ -16,7 +16,10 @@ flags given on the command line win over the recipe.
 
 import sys
 
-from dualadam_hf.train.vision.train import main
+try:
+    from dualadam_hf.train.vision.train import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries load (seconds): nothing has started, nothing to say
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main(prog="train_vision.py", description=__doc__))

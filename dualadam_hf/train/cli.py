@@ -73,6 +73,9 @@ def script_main(
     except ValueError as error:  # RecipeError included: one line, naming the culprit
         report_error(str(error).splitlines()[0])
         return 2
+    except KeyboardInterrupt:
+        report_error("interrupted (Ctrl-C) during the pre-flight checks: nothing was written")
+        return 130
     if run_args.dry_run:
         print(summary)
         return 0

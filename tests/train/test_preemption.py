@@ -16,10 +16,10 @@ import pytest
 
 from dualadam_hf.hf.checkpoints import checkpoints_in, missing_parts
 from dualadam_hf.train.finetune import main
-from tiny_runs import ROOT, TINY, assert_same_weights, weights
+from tiny_runs import ROOT, TINY, assert_same_weights, one_error_line, weights
 
 # long enough that a signal sent at the first logged step arrives well before the end; no periodic checkpoint
-RUN = ["--max_steps", "40", "--logging_steps", "1", "--eval_strategy", "no", "--max_train_samples", "32",
+RUN = ["--max_steps", "200", "--logging_steps", "1", "--eval_strategy", "no", "--max_train_samples", "32",
        "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--save_strategy", "no",
        "--disable_tqdm", "true", "--optim_args", "switch_ratio=0.5"]
 
@@ -56,7 +56,7 @@ def stop_and_resume(out: Path, signum: int) -> tuple[str, Path]:
     (checkpoint,) = checkpoints_in(out)
     assert missing_parts(checkpoint) == [] and not (out / "model.safetensors").exists()
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-    assert 1 <= step < 40
+    assert 1 <= step < 200
     name = signal.Signals(signum).name
     (line,) = [line for line in text.splitlines() if line.startswith(f"{name}: stopped")]
     assert line.startswith(f"{name}: stopped after step {step}, checkpoint saved in {checkpoint}; resume with: python ")
@@ -116,7 +116,7 @@ def test_under_accelerate_launch_a_signal_to_one_process_stops_both_at_the_same_
     stop; the resume under the same launch equals the uninterrupted two-process run."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml",
               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-              "scripts/finetune.py", TINY, *RUN, "--max_steps", "20"]
+              "scripts/finetune.py", TINY, *RUN, "--max_steps", "80"]
     whole = tmp_path / "whole"
     done = subprocess.run([*launch, "--output_dir", str(whole)], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
@@ -143,3 +143,18 @@ def test_under_accelerate_launch_a_signal_to_one_process_stops_both_at_the_same_
                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(weights(out), weights(whole))
+
+
+@pytest.mark.parametrize("where, message", [
+    ("dualadam_hf.train.cli.check_resume", "interrupted (Ctrl-C) during the pre-flight checks: nothing was written"),
+    ("dualadam_hf.train.finetune.load_model_and_tokenizer",
+     "interrupted (Ctrl-C) outside the training loop: nothing more was saved"),
+])
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, where, message):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupted)
+    assert main([TINY, *RUN, "--output_dir", str(tmp_path / "run")]) == 130
+    assert one_error_line(capsys) == f"error: {message}"
+    assert not (tmp_path / "run").exists()  # the run directory it took is given back as it found it
