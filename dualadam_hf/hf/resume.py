@@ -95,10 +95,10 @@ def _shown(value: Any) -> str:
     return "(unset)" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
-def check_resume(args: Any, step: int) -> str:
+def check_resume(args: Any) -> str:
     """Compare the settled checkpoint's record with this run's; refuse changes not accepted, one line. Sets
-    ``args.resume_changes`` (the record's history plus the changes accepted now, each with ``step``) and
-    returns a note for the printed configuration."""
+    ``args.resume_changes`` (the record's history plus the changes accepted now, each with the checkpoint's
+    step) and returns a note for the printed configuration."""
     checkpoint = args.resume_from_checkpoint
     accepted = [key.strip() for item in (args.resume_accept_changes or []) for key in str(item).split(",")
                 if key.strip()]
@@ -110,7 +110,7 @@ def check_resume(args: Any, step: int) -> str:
     if record is None:
         args.resume_changes = []
         return f"{Path(checkpoint).name} records no settings (saved by an older version or another trainer): not checked"
-    old, new = record["settings"], run_settings(args)
+    old, new, step = record["settings"], run_settings(args), checkpoint_step(checkpoint)
     compared = WEIGHTS if args.resume_weights_only else sorted(set(old) | set(new))
     unknown = [key for key in accepted if key not in old and key not in new]
     if unknown:

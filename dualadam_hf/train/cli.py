@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from dualadam_hf.hf.checkpoints import SaveError
 from dualadam_hf.hf.packing import PackingError
 from dualadam_hf.hf.preemption import RunPreempted
-from dualadam_hf.hf.resume import check_resume, checkpoint_step
+from dualadam_hf.hf.resume import check_resume
 from dualadam_hf.hf.trainer import LaunchConfigError, NonFiniteError
 from dualadam_hf.models.loading import ModelLoadError
 from dualadam_hf.train.preflight import check_run_directories, check_settings, sets_aside_previous_run
@@ -66,8 +66,7 @@ def script_main(
                      *check_run_directories(training_args).splitlines()]:
             note += f"\nnote:            {line}"
         training_args.run_details = resume_details(*settings) if resume_details else {}
-        resumed_step = checkpoint_step(training_args.resume_from_checkpoint)
-        for line in check_resume(training_args, resumed_step).splitlines():
+        for line in check_resume(training_args).splitlines():
             note += f"\nnote:            {line}"
         summary = describe(*settings) + note
     except ValueError as error:  # RecipeError included: one line, naming the culprit

@@ -75,17 +75,10 @@ def test_a_damaged_checkpoint_is_skipped_by_latest_and_the_resume_succeeds_from_
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
-def test_a_damaged_checkpoint_named_explicitly_is_refused_before_anything_loads(finished, tmp_path, capsys, monkeypatch,
+def test_a_damaged_checkpoint_named_explicitly_is_refused_before_anything_loads(finished, tmp_path, capsys, no_loading,
                                                                                 dry_run):
     out = copy_run(finished, tmp_path / "run", "checkpoint-2", "checkpoint-4")
     overwrite_256_bytes(out / "checkpoint-4" / "optimizer.pt")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a refused run must not load weights or data")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained", refuse)
-    monkeypatch.setattr("dualadam_hf.train.finetune.load_model_and_tokenizer", refuse)
     checkpoint = out / "checkpoint-4"
     assert main([TINY, *SHORT, "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint),
                  "--dry_run", str(dry_run).lower()]) == 2

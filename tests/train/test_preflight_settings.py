@@ -8,22 +8,12 @@ import os
 
 import pytest
 import torch
-import transformers
 from transformers.integrations import integration_utils
 
 from dualadam_hf.models.tiny import TINY_LLAMA
 from dualadam_hf.train.finetune import ModelArguments, load_model_and_tokenizer, main
 from dualadam_hf.train.sft_data import DataArguments, DataError, load_records, prepare_datasets
 from tiny_runs import TINY, one_error_line
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a refused run must not load weights or data")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained", refuse)
 
 
 @pytest.mark.parametrize(
