@@ -36,45 +36,63 @@ def inv_share_sums(optimizer: DualAdam) -> tuple[float, float]:
     under ``inv_scale="adam_rms"``, so that its part is then α_t·‖u_t‖. With ū = a·ũ + b·u,
     ‖ū‖² = a²‖ũ‖² + 2ab⟨ũ, u⟩ + b²‖u‖², so one pass over the state per parameter gives every term (all
     of them >= 0: ũ and u have the sign of m̂ element by element).
+
+    The host reads two values per device: the step counters, then every parameter's three sums. A read
+    per parameter and chunk would wait for a GPU some thousand times at a 1B model's 341 tensors.
     """
+    held = [
+        (group, state)
+        for group in optimizer.param_groups
+        for state in (optimizer.state.get(p) for p in group["params"])
+        if state
+    ]
+    steps = _read_per_device([state["step"].reshape(()) for _, state in held])
+    sums = _read_per_device([
+        _term_sums(state, *group["betas"], group["eps"], int(step))
+        for (group, state), step in zip(held, steps)
+    ])
     inv_sq = 0.0
     bar_sq = 0.0
-    for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            step = int(state["step"].item())
-            alpha = schedule_alpha(group, step, optimizer._custom_schedule)
-            inv_norm_sq, adam_norm_sq, cross = _term_sums(state, beta1, beta2, group["eps"], step)
-            inv_weight = alpha
-            if group["inv_scale"] == "adam_rms":
-                inv_weight *= math.sqrt(adam_norm_sq / inv_norm_sq) if inv_norm_sq > 0 else 0.0
-            adam_weight = 1.0 - alpha
-            inv_sq += inv_weight**2 * inv_norm_sq
-            bar_sq += (
-                inv_weight**2 * inv_norm_sq + 2 * inv_weight * adam_weight * cross + adam_weight**2 * adam_norm_sq
-            )
+    for (group, _), step, (inv_norm_sq, adam_norm_sq, cross) in zip(held, steps, sums):
+        alpha = schedule_alpha(group, int(step), optimizer._custom_schedule)
+        inv_weight = alpha
+        if group["inv_scale"] == "adam_rms":
+            inv_weight *= math.sqrt(adam_norm_sq / inv_norm_sq) if inv_norm_sq > 0 else 0.0
+        adam_weight = 1.0 - alpha
+        inv_sq += inv_weight**2 * inv_norm_sq
+        bar_sq += (
+            inv_weight**2 * inv_norm_sq + 2 * inv_weight * adam_weight * cross + adam_weight**2 * adam_norm_sq
+        )
     return inv_sq, bar_sq
 
 
-def _term_sums(state: dict, beta1: float, beta2: float, eps: float, step: int) -> tuple[float, float, float]:
-    """(‖ũ‖², ‖u‖², ⟨ũ, u⟩) of one parameter's latest step, with ũ = m̂·√v̂ and u = m̂/(√v̂+ε), chunk by chunk."""
+def _read_per_device(tensors: list[torch.Tensor]) -> list:
+    """The values of same-shaped ``tensors``, in order, read by the host once per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    values: list = [None] * len(tensors)
+    for indices in by_device.values():
+        for index, value in zip(indices, torch.stack([tensors[i] for i in indices]).tolist()):
+            values[index] = value
+    return values
+
+
+def _term_sums(state: dict, beta1: float, beta2: float, eps: float, step: int) -> torch.Tensor:
+    """[‖ũ‖², ‖u‖², ⟨ũ, u⟩] of one parameter's latest step, float64 on the state's device, with ũ = m̂·√v̂
+    and u = m̂/(√v̂+ε), chunk by chunk (each chunk's fp32 dot products added in float64, in order)."""
     exp_avg = _local(state["exp_avg"]).reshape(-1)
     exp_avg_sq = _local(state["exp_avg_sq"]).reshape(-1)
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
-    inv_sq = adam_sq = cross = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=exp_avg.device)
     for m, v in zip(exp_avg.split(CHUNK), exp_avg_sq.split(CHUNK)):
         m_hat = m.float() / bias_correction1  # new tensors: .float() of fp32 state is the state
         sqrt_v_hat = (v.float() / bias_correction2).sqrt_()
         inv = torch.mul(m_hat, sqrt_v_hat)
         adam = m_hat.div_(sqrt_v_hat.add_(eps))
-        inv_sq += torch.dot(inv, inv).item()
-        adam_sq += torch.dot(adam, adam).item()
-        cross += torch.dot(inv, adam).item()
-    return inv_sq, adam_sq, cross
+        sums += torch.stack([torch.dot(inv, inv), torch.dot(adam, adam), torch.dot(inv, adam)]).double()
+    return sums
 
 
 def inv_share(inv_sq: float, bar_sq: float) -> float | None:

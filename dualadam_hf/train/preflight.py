@@ -165,6 +165,8 @@ def _check_reporters(report_to: list[str]) -> None:
 
     known = integration_utils.INTEGRATION_TO_CALLBACK
     for name in report_to:
+        if name in ("all", "none"):  # alone they never reach here: TrainingArguments expands them
+            raise ValueError(f"report_to {name!r} stands alone; it cannot be listed with other reporters")
         if name not in known:
             raise ValueError(f"report_to {name!r}: unknown; known: {', '.join(sorted(known))}, all, none")
         check = REPORTER_CHECKS.get(name, f"is_{name}_available")

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,20 @@ def _unknown_key_message(key: str, known: list[str], where: str) -> str:
     return f"{where}: unknown key {key!r}{hint}"
 
 
-def recipe_argv(values: dict[str, Any]) -> list[str]:
-    """YAML values as command-line tokens, so argparse converts and checks both sources alike."""
+def recipe_argv(values: dict[str, Any], single: Collection[str] = ()) -> list[str]:
+    """YAML values as command-line tokens, so argparse converts and checks both sources alike.
+
+    A list is given item by item, except for the keys in ``single``, whose option takes one value: there it
+    is joined with commas, the form ``report_to`` and ``optim_args`` take on the command line.
+    """
     argv: list[str] = []
     for key, value in values.items():
         if value is None:  # null keeps the field's default
             continue
         if isinstance(value, bool):
             argv += [f"--{key}", "true" if value else "false"]
+        elif isinstance(value, list) and key in single:
+            argv += [f"--{key}", ",".join(str(item) for item in value)]
         elif isinstance(value, list):
             argv += [f"--{key}", *(str(item) for item in value)]
         elif isinstance(value, dict):
@@ -77,6 +83,15 @@ def load_recipe_file(path: Path, known: list[str] | None) -> dict[str, Any]:
     return values
 
 
+def _single_valued(parser: argparse.ArgumentParser) -> set[str]:
+    """The keys whose option takes one value (``report_to``: ``str | list[str]`` becomes a plain string)."""
+    return {
+        action.option_strings[0][2:]
+        for action in parser._actions
+        if action.option_strings and action.nargs in (None, "?")
+    }
+
+
 def parse_recipe(
     dataclass_types: Sequence[type], argv: Sequence[str], *, prog: str, description: str
 ) -> tuple[Any, ...]:
@@ -103,7 +118,9 @@ def parse_recipe(
         if token.startswith("--") and token[2:].split("=", 1)[0] not in known and token not in ("--help",):
             raise RecipeError(_unknown_key_message(token[2:].split("=", 1)[0], known, "command line"))
     try:
-        return parser.parse_args_into_dataclasses(args=recipe_argv(values) + command_line, look_for_args_file=False)
+        return parser.parse_args_into_dataclasses(
+            args=recipe_argv(values, _single_valued(parser)) + command_line, look_for_args_file=False
+        )
     except RecipeError:
         raise
     except (ValueError, TypeError) as error:  # a dataclass's __post_init__ refusing a value

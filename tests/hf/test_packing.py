@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_reads import HostReads
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dualadam_hf import DualAdamTrainer, DualAdamTrainingArguments
 from dualadam_hf.hf import packing
@@ -247,6 +248,42 @@ def test_gradient_accumulation_averages_over_every_label_token_of_the_accumulate
     losses = [entry["loss"] for entry in whole.state.log_history if "loss" in entry]
     accumulated_losses = [entry["loss"] for entry in accumulated.state.log_history if "loss" in entry]
     assert accumulated_losses == pytest.approx(losses, rel=1e-5)
+
+
+def test_a_steady_training_step_reads_from_the_device_only_where_it_must(tmp_path, tokenizer, data):
+    # On a GPU every host read of a tensor value waits for the device. Outside the optimizer (whose CUDA
+    # backend reads nothing: test_triton_backend.py), a packed step of two micro-batches reads, on a CPU:
+    # per micro-batch transformers' check of position_ids for packed rows (masking_utils, before any layer)
+    # and packed_sdpa's example boundaries (once for all layers; none on CUDA, whose varlen kernel takes the
+    # collator's: test_packing_kernels.py); per optimizer step the non-finite guard's one read.
+    trainer = run_trainer(tmp_path, tokenizer, data, packed=True, max_steps=6, per_device_train_batch_size=4,
+                          gradient_accumulation_steps=2, logging_steps=100)
+    whole, in_optimizer = HostReads(), HostReads()
+    window = {"open": False}
+
+    class Steps(TrainerCallback):  # steps 3 to 5: after the first, before the last one's logging
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                window["open"] = True
+                whole.__enter__()
+            elif state.global_step == 5:
+                window["open"] = False
+                whole.__exit__(None, None, None)
+
+    trainer.add_callback(Steps())
+    trainer.create_optimizer()
+    step = trainer.optimizer.step
+
+    def counted_step(*args, **kwargs):
+        if not window["open"]:
+            return step(*args, **kwargs)
+        with in_optimizer:
+            return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted_step
+    trainer.train()
+    assert in_optimizer.count > 0  # the window saw the optimizer's steps (CPU backends read their counters)
+    assert whole.count - in_optimizer.count == 3 * (2 * 2 + 1)
 
 
 def test_batch_token_counts_padded_and_packed(data, tokenizer):

@@ -13,13 +13,12 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 
 from dualadam_hf.hf import packing
 from dualadam_hf.hf.packing import PACKED_SDPA
 from dualadam_hf.models.tiny import build_tiny_llama, load_tiny_tokenizer
+from host_reads import CPU, HostReads
 
 # Examples of very different lengths, one of a single token.
 LENGTHS = (9, 30, 1, 17)
@@ -98,67 +97,6 @@ def test_this_torch_has_the_varlen_kernel_with_the_arguments_packed_sdpa_passes(
     assert list(parameters)[:7] == ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"]
     assert {"scale", "window_size", "enable_gqa"} <= parameters.keys()
     assert not packing.VARLEN_IN_TORCH or torch.version.cuda is not None  # never on a CPU build
-
-
-class HostReads:
-    """Counts, while entered (re-entrant, cumulative), the reads of tensor values by the host: on a GPU
-    each one waits for the device. Counted where Python asks for values (``.tolist()`` on a CPU tensor
-    dispatches no aten op at all) and where aten reads them (``_local_scalar_dense`` behind ``.item()``,
-    ``int()`` and ``bool()``, outputs sized by the data such as ``nonzero``, copies to the host); each read
-    once."""
-
-    METHODS = {"tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__"}
-    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "unique_consecutive", "_unique2"}
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.inside_method = 0
-        self.modes: list[tuple[TorchFunctionMode, TorchDispatchMode]] = []
-
-    def __enter__(self) -> HostReads:
-        modes = (_ReadMethods(self), _ReadOps(self))
-        for mode in modes:
-            mode.__enter__()
-        self.modes.append(modes)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for mode in reversed(self.modes.pop()):
-            mode.__exit__(*exc)
-
-
-class _ReadMethods(TorchFunctionMode):
-    def __init__(self, reads: HostReads) -> None:
-        super().__init__()
-        self.reads = reads
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) not in HostReads.METHODS:
-            return func(*args, **(kwargs or {}))
-        self.reads.count += 1
-        self.reads.inside_method += 1
-        try:
-            return func(*args, **(kwargs or {}))
-        finally:
-            self.reads.inside_method -= 1
-
-
-CPU = torch.device("cpu")
-
-
-class _ReadOps(TorchDispatchMode):
-    def __init__(self, reads: HostReads) -> None:
-        super().__init__()
-        self.reads = reads
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.reads.inside_method:
-            name = func.overloadpacket.__name__
-            to_host = name == "_to_copy" and args[0].device.type != "cpu" and kwargs.get("device") == CPU
-            to_host = to_host or (name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu")
-            self.reads.count += name in HostReads.OPS or to_host
-        return func(*args, **kwargs)
 
 
 def test_host_reads_are_counted_once_each():

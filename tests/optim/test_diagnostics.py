@@ -66,3 +66,26 @@ def test_plain_state_is_read_in_place_not_copied():
 
     state = torch.zeros(8, 8, dtype=torch.bfloat16)
     assert _local(state) is state
+
+
+def test_the_host_reads_twice_whatever_the_parameters_and_chunks(monkeypatch):
+    # on a GPU each read waits for the device: at a 1B model's 341 tensors a read per parameter and chunk
+    # made some thousand waits at every logging step
+    from host_reads import HostReads
+
+    from dualadam_hf.optim import diagnostics
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size)) for size in (1, 7, 64, 300, 1000) * 4]
+    optimizer = DualAdam(params, switch_rate=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    whole = inv_share_sums(optimizer)
+    monkeypatch.setattr(diagnostics, "CHUNK", 16)  # the 1000-element tensors in 63 chunks each
+    with HostReads() as reads:
+        chunked = inv_share_sums(optimizer)
+    assert reads.count == 2  # the step counters, then every parameter's three sums
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    assert 0 < chunked[0] < chunked[1]

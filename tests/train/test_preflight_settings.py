@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from tiny_runs import TINY, one_error_line
         (["--report_to", "wandb"], "report_to wandb: not installed or not set up here (transformers' is_wandb_avail"),
         (["--report_to", "tensorboard,wandb"], "report_to wandb: not installed"),
         (["--report_to", "tensorbord"], "report_to 'tensorbord': unknown; known: azure_ml, clearml,"),
+        (["--report_to", "tensorboard,none"], "report_to 'none' stands alone; it cannot be listed with other reporters"),
         (["--max_steps", "0"], "max_steps 0 trains nothing; set max_steps to the number of optimizer steps, or -1"),
         (["--max_steps", "0", "--optim", "adamw_torch"], "max_steps 0 trains nothing"),
         (["--num_train_epochs", "0"], "num_train_epochs 0 trains nothing; set num_train_epochs above 0"),
@@ -43,6 +45,21 @@ def test_a_comma_joined_report_to_is_a_list_of_reporters(capsys, monkeypatch):
     monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
     assert main([TINY, "--dry_run", "true", "--report_to", "tensorboard, wandb"]) == 0
     assert "reporting to:    tensorboard, wandb\n" in capsys.readouterr().out
+
+
+def test_yaml_lists_for_single_valued_keys_are_comma_joined(tmp_path, capsys, monkeypatch):
+    # report_to is str | list[str] in TrainingArguments, one value on the command line: a YAML list used to
+    # leave its second item over, refused as "not used by the HfArgumentParser"
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
+    recipe = Path(TINY).read_text(encoding="utf-8").splitlines()
+    kept = [line for line in recipe if not line.startswith(("report_to:", "optim_args:"))]
+    lists = ["report_to:", "  - tensorboard", "  - wandb", "optim_args: [switch_ratio=0.3, inv_scale=adam_rms]"]
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("\n".join(kept + lists) + "\n", encoding="utf-8")
+    assert main([str(listed), "--dry_run", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "reporting to:    tensorboard, wandb\n" in out and "inv_scale adam_rms: the InvAdam term" in out
 
 
 def test_a_dry_run_of_an_fp16_recipe_says_what_a_run_here_would_do(capsys):
