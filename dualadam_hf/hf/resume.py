@@ -152,7 +152,11 @@ def apply_accepted_changes(optimizer: Any, scheduler: Any, fresh: list[dict[str,
 
     ``fresh``: ``group_settings`` of the optimizer as this run built it. Settings that did not change are equal
     either way; the learning rate keeps the schedule's factor at the resumed step (lr = base * factor), with
-    this run's base."""
+    this run's base.
+
+    Under DeepSpeed, ``optimizer`` is ZeRO's base optimizer: its groups are the ones that step and that the
+    Trainer's scheduler writes through the wrappers, and ``deepspeed_load_checkpoint`` has loaded the
+    checkpoint's into them before this runs (tests/train/test_resume_recipe_distributed.py)."""
     if not changes:
         return
     for group, settings in zip(optimizer.param_groups, fresh):
