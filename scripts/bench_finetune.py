@@ -4,6 +4,7 @@ Usage:
     python scripts/bench_finetune.py --shape tiny --steps 3 --optim dualadam adamw_torch_fused
     python scripts/bench_finetune.py --shape 1b --steps 10 --json --out h200_finetune_1b.json
     python scripts/bench_finetune.py --shape 1b --optim dualadam --packing on -- --use_peft true
+    python scripts/bench_finetune.py --shape 1b --optim dualadam --packing off --workdir NEW --reuse EARLIER
 
 Writes, offline, a checkpoint in openPangu-Embedded's published layout (tiny: the fixture's sizes, for a
 CPU; 1b: openPangu-Embedded-1B's published sizes, 1.39B random bf16 weights, 2.8 GB) and a JSON array of
@@ -16,22 +17,29 @@ the final save, the evaluations and checkpoints the run did in all, peak GPU mem
 checkpoint while training (--save_strategy no: at --max_steps transformers would save one, ~17 GB at 1b,
 that the recipe's run saves once at its end); "-- --save_strategy steps" brings it back.
 
+--reuse DIR takes the checkpoint and the data, read-only, from DIR, the --workdir of an earlier benchmark,
+instead of writing them (the runs' files still go to --workdir); the report's reused_from names DIR, and
+write_checkpoint_seconds and write_data_seconds read 0. It is refused unless DIR holds a checkpoint of the
+same --shape, whole (the earlier benchmark got past writing it), and data of the same --train-records and
+--eval-records.
+
 MFU = 6 x parameters (without the input embedding) x non-pad tokens/s / peak; attention's score and value
 products and the recomputed forward of activation checkpointing are not counted. Peak: --peak-tflops, or
 the card's dense bf16 TFLOPS (no sparsity) from a table (H100 SXM / H200 989, A100 312, H100 PCIe 756,
 H100 / H200 NVL 835); on a CPU, none.
 
 Flags after "--" go to every run's finetune.py command line, after the benchmark's own (they win), e.g.
-"-- --generation_eval_samples 0" or "-- --attn_implementation eager". Each run gets the files written
-(--model_name_or_path, --dataset_name), --validation_fraction (holding out --eval-records), --max_steps,
---packing, --save_strategy no, --report_to none, --disable_tqdm true, its own --output_dir (deleted after
-the run), --bf16 false without a GPU, and HF_HUB_OFFLINE=1; a flag finetune.py refuses stops the benchmark
-before any run. The table goes to stdout (--json: the JSON report), one progress line per run to stderr;
---out is written before the first run and again after each (planned_runs names them all), so a benchmark
-stopped midway leaves the runs it finished; SIGTERM stops the benchmark and kills the run in progress at
-once (on its own, a run would finish its optimizer step and save a checkpoint, as preemption does). Exit
-status: 0 when every run finished, 1 when one failed (its error line is in the report), 2 for bad
-arguments, 143 when stopped by SIGTERM.
+"-- --generation_eval_samples 0" or "-- --attn_implementation eager". Each run gets the files written or
+reused (--model_name_or_path, --dataset_name), --validation_fraction (holding out --eval-records),
+--max_steps, --packing, --save_strategy no, --report_to none, --disable_tqdm true, its own --output_dir
+(deleted after the run), --bf16 false without a GPU, and HF_HUB_OFFLINE=1; a flag finetune.py refuses
+stops the benchmark before any run. The table goes to stdout (--json: the JSON report), to stderr a line
+saying whether the checkpoint and the data were written or reused and one progress line per run; --out is
+written before the first run and again after each (planned_runs names them all), so a benchmark stopped
+midway leaves the runs it finished; SIGTERM stops the benchmark and kills the run in progress at once (on
+its own, a run would finish its optimizer step and save a checkpoint, as preemption does). Exit status: 0
+when every run finished, 1 when one failed (its error line is in the report), 2 for bad arguments, 143
+when stopped by SIGTERM.
 See dualadam_hf/analysis/finetune_bench.py.
 """
 
@@ -86,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep the checkpoint, the data and each run's log in DIR (new or empty; default: a "
                         "temporary folder, removed at the end)")
+    parser.add_argument("--reuse", type=Path, metavar="DIR",
+                        help="take the checkpoint and the data, read-only, from DIR, the --workdir of an earlier "
+                        "benchmark of the same --shape, --train-records and --eval-records, instead of writing them")
     args = parser.parse_args(own)
 
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     shape=args.shape, steps=args.steps, optims=args.optim, packings=PACKINGS[args.packing],
                     recipes=RECIPES_DIR, workdir=workdir, peak_tflops=args.peak_tflops,
                     train_records=args.train_records, eval_records=args.eval_records, extra=extra,
-                    progress=progress, on_report=write_report,
+                    reuse=args.reuse, progress=progress, on_report=write_report,
                 )
             except BenchError as error:
                 parser.error(str(error))

@@ -6,15 +6,20 @@
 #     OUT=DIR scripts/gpu_step_check.sh [STEP ...]                         on the GPU machine
 #     PYTHON=.venv/bin/python scripts/gpu_step_check.sh --cpu [STEP ...]   the same steps on this CPU, tiny
 #
-# STEP (default, in this order): tests packing_tests gpt_fp32 gpt_bf16 finetune_1b finetune_1b_padded
-# finetune_1b_lora finetune_1b_adamw8bit; by name only: openpangu_fp32 openpangu_bf16 lowbit_fp32.
+# STEP (default, in this order): tests packing_tests gpt_fp32 gpt_bf16 finetune_1b finetune_1b_mb32
+# finetune_1b_padded finetune_1b_lora finetune_1b_adamw8bit; by name only: openpangu_fp32 openpangu_bf16
+# lowbit_fp32.
 #   tests, packing_tests: pytest -m cuda on tests/optim, and the varlen FlashAttention path of packed_sdpa
 #     against SDPA per example.
 #   gpt_fp32, gpt_bf16: scripts/bench_optimizer.py, 510M parameters in 162 GPT-shaped tensors, six optimizers.
 #   finetune_1b: scripts/bench_finetune.py --shape 1b (1.39B parameters, the recipes' batch of 32 sequences,
-#     bf16), dualadam, adamw_torch_fused and dualadam_8bit with packing on; finetune_1b_padded: dualadam
-#     with packing off; finetune_1b_lora: dualadam with --use_peft true; finetune_1b_adamw8bit:
-#     adamw_torch_8bit (torchao's, whose first step compiles a graph per tensor shape: last, on its own).
+#     4 per micro-batch x 8 accumulated, bf16), dualadam, adamw_torch_fused and dualadam_8bit with packing on;
+#     finetune_1b_mb32: dualadam with the same 32 sequences in one micro-batch (how much of the MFU gap is
+#     micro-batch size and kernel launches); finetune_1b_padded: dualadam with packing off; finetune_1b_lora:
+#     dualadam with --use_peft true; finetune_1b_adamw8bit: adamw_torch_8bit (torchao's, whose first step
+#     compiles a graph per tensor shape: last, on its own).
+#   The first fine-tuning step that runs writes the checkpoint (2.8 GB at 1b) and the data, the later ones
+#   reuse them (bench_finetune.py --reuse).
 #   openpangu_fp32, openpangu_bf16: the optimizer-step benchmark on openPangu-Embedded-1B's 341 tensors;
 #     lowbit_fp32: the 8- and 4-bit optimizers at 510M.
 # Each benchmark step writes its JSON report to $OUT, named after the card (h200_gpt510m_fp32.json, ...,
@@ -27,7 +32,8 @@
 # the time it is expected to take (else skipped, with a line), and a step that runs into the end of the
 # budget is stopped there (a fine-tuning step keeps the runs it finished). A failed step does not stop the
 # others; the exit status is 1 when any failed or was skipped, 2 on a usage error. At most 7 reports per
-# call, as 8 files come back from a device call.
+# call, as 8 files come back from a device call. By the estimates the default steps do not all fit the
+# budget: the last ones are skipped unless the earlier ones take less (docs/gpu/README.md).
 #
 # --cpu runs on the CPU at --params 2e5, 2 rounds of 1 step, the fine-tuning steps at the tiny shape, OUT
 # defaulting to a new temporary folder; nvidia-smi, the wheels and the openpangu steps (1.39B parameters)
@@ -42,8 +48,8 @@ if [[ "${1:-}" == "--cpu" ]]; then
 fi
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-450}
-DEFAULT_STEPS=(tests packing_tests gpt_fp32 gpt_bf16 finetune_1b finetune_1b_padded finetune_1b_lora
-               finetune_1b_adamw8bit)
+DEFAULT_STEPS=(tests packing_tests gpt_fp32 gpt_bf16 finetune_1b finetune_1b_mb32 finetune_1b_padded
+               finetune_1b_lora finetune_1b_adamw8bit)
 ALL_STEPS=("${DEFAULT_STEPS[@]}" openpangu_fp32 openpangu_bf16 lowbit_fp32)
 STEPS=("$@")
 if (( ${#STEPS[@]} == 0 )); then
@@ -69,7 +75,10 @@ if [[ -z "${OUT:-}" ]]; then
     OUT=$(mktemp -d -t gpu_step_check.XXXXXX)
 fi
 mkdir -p "$OUT" || exit 2
-WORK=${TMPDIR:-/tmp}/gpu_step_check.work  # the fine-tuning benchmark's checkpoint, data and run logs
+# the fine-tuning steps' files: INPUTS, the checkpoint and the data that the first of them writes and the others
+# reuse, and a step's run logs; removed at the start (a killed call's) and at the end
+WORK=${TMPDIR:-/tmp}/gpu_step_check.work
+INPUTS=$WORK/inputs
 
 # the optimizers each bench step times (names as scripts/bench_optimizer.py --list prints them)
 FULL=("AdamW fused" "AdamW foreach" "DualAdam fused, blending" "DualAdam fused, after switch"
@@ -87,6 +96,7 @@ else
     # 8 optimizer steps of 32 sequences: one epoch of 256 records
     finetune_shape=(--shape 1b --steps 8 --train-records 256 --eval-records 32)
 fi
+WRITE_S=20  # writing the 1b checkpoint (2.8 GB) and the data, a guess: 15 to 30 s (docs/gpu/README.md)
 # the final evaluation trimmed to a smoke test (the recipes' 977 + 1000 records and 32 x 256 generated tokens
 # cost more than the steps measured); every run's command line is in its report (finetune_flags)
 FINETUNE_FLAGS=(--train_eval_samples 32 --generation_eval_samples 8 --generation_max_new_tokens 32)
@@ -150,24 +160,32 @@ bench() {
 }
 
 # finetune NAME EXPECTED_S TIMEOUT_S FILE_STEM BENCH_ARGS... [-- FINETUNE_FLAGS...]: the fine-tuning benchmark,
-# then every run's own log, unfiltered; its checkpoint (2.8 GB at 1b) and logs are removed afterwards
+# then every run's own log, unfiltered. EXPECTED_S and TIMEOUT_S are a step's that reuses INPUTS; the first
+# step to run, or the next after one stopped before its inputs were whole, writes them, for WRITE_S more.
 finetune() {
     local name=$1 expected=$2 limit=$3 stem=$4
     shift 4
-    rm -rf "$WORK"
+    local workdir=$WORK/runs inputs=(--reuse "$INPUTS")
+    if [[ ! -f $INPUTS/written.json ]]; then  # bench_finetune.py writes it once the checkpoint and data are whole
+        rm -rf "$INPUTS"
+        workdir=$INPUTS inputs=() expected=$((expected + WRITE_S)) limit=$((limit + 2 * WRITE_S))
+    fi
+    rm -rf "$WORK/runs"
     run_step "$name" "$expected" "$limit" "$PYTHON" scripts/bench_finetune.py "${finetune_shape[@]}" \
-        --workdir "$WORK" --out "$OUT/${card}_${stem}.json" "$@"
+        --workdir "$workdir" "${inputs[@]}" --out "$OUT/${card}_${stem}.json" "$@"
     local log
-    for log in "$WORK"/run*/log.txt; do
+    for log in "$workdir"/run*/log.txt; do
         [[ -f $log ]] || continue
-        echo "--- $name: ${log#"$WORK"/}"
+        echo "--- $name: ${log#"$workdir"/}"
         cat "$log"
     done
-    rm -rf "$WORK"
+    rm -rf "$WORK/runs" "$INPUTS"/run*
     rm -f "$OUT"/.*.partial  # left only by a stop in the middle of a write
 }
 
 main() {
+    rm -rf "$WORK"
+    trap 'rm -rf "$WORK"' EXIT
     echo "gpu_step_check: steps ${STEPS[*]}; budget ${BUDGET_S} s; reports in $OUT; $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     # the copy on the GPU machine may come without git metadata: the digest names the code measured either way
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no git metadata here)')"
@@ -208,18 +226,22 @@ main() {
             gpt_fp32) bench "$step" 25 75 "${gpt}_fp32" --params "$gpt_params" --dtype float32 --optimizers "${FULL[@]}" ;;
             gpt_bf16) bench "$step" 25 75 "${gpt}_bf16" --params "$gpt_params" --dtype bfloat16 --optimizers "${FULL[@]}" ;;
             finetune_1b)
-                finetune "$step" 135 200 finetune1b --optim dualadam adamw_torch_fused dualadam_8bit --packing on -- \
+                finetune "$step" 120 180 finetune1b --optim dualadam adamw_torch_fused dualadam_8bit --packing on -- \
                     "${FINETUNE_FLAGS[@]}"
                 ;;
+            finetune_1b_mb32)
+                finetune "$step" 45 90 finetune1b_mb32 --optim dualadam --packing on -- "${FINETUNE_FLAGS[@]}" \
+                    --per_device_train_batch_size 32 --gradient_accumulation_steps 1
+                ;;
             finetune_1b_padded)
-                finetune "$step" 60 100 finetune1b_padded --optim dualadam --packing off -- "${FINETUNE_FLAGS[@]}"
+                finetune "$step" 45 90 finetune1b_padded --optim dualadam --packing off -- "${FINETUNE_FLAGS[@]}"
                 ;;
             finetune_1b_lora)
-                finetune "$step" 50 90 finetune1b_lora --optim dualadam --packing on -- "${FINETUNE_FLAGS[@]}" \
+                finetune "$step" 35 75 finetune1b_lora --optim dualadam --packing on -- "${FINETUNE_FLAGS[@]}" \
                     --use_peft true
                 ;;
             finetune_1b_adamw8bit)
-                finetune "$step" 90 150 finetune1b_adamw8bit --optim adamw_torch_8bit --packing on -- "${FINETUNE_FLAGS[@]}"
+                finetune "$step" 75 135 finetune1b_adamw8bit --optim adamw_torch_8bit --packing on -- "${FINETUNE_FLAGS[@]}"
                 ;;
             openpangu_fp32 | openpangu_bf16)
                 if $cpu; then

@@ -7,6 +7,9 @@ embedding and lm_head keep the published vocabulary of 153,376 rows, so every ma
 size). The data are Alpaca-schema records whose token lengths follow Alpaca-GPT4-CN's
 (``packing_bench.alpaca_gpt4_like_examples``: prompt and response lengths of the shipped length asset,
 mapped to the published token statistics), written in Chinese characters of the tokenizer's vocabulary.
+Both go into the benchmark's workdir, and ``WRITTEN`` last, once they are whole; a later benchmark of the
+same shape and record counts can take them from there read-only (``reuse``) instead of writing them again
+(at ``1b``, 2.8 GB).
 
 Each run is ``scripts/finetune.py``'s own path (``finetune.main``) with an optimizer's recipe
 (``RECIPES``), ``--max_steps`` and ``--packing`` set, in a fresh Python process: imports, loading and
@@ -83,6 +86,10 @@ MAX_SEQ_LENGTH = 1024  # the recipes'
 FULL_SET_RECORDS = 48_818  # Alpaca-GPT4-CN's records (the length asset says where the figure comes from)
 TRAIN_RECORDS = 1024  # 32 optimizer steps of the recipes' 32 sequences per epoch; longer runs take more epochs
 EVAL_RECORDS = math.ceil(0.02 * FULL_SET_RECORDS)  # the recipes' validation_fraction of the full set: 977
+DATA_FILE = "alpaca_gpt4_data_zh.json"
+WRITTEN = "written.json"
+"""Written into a benchmark's workdir after its checkpoint and data, so a folder without it holds a write that
+was stopped: the shape and the data's figures (``write_data``'s), which a benchmark reusing them checks."""
 
 PEAK_BF16_DENSE_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
@@ -167,6 +174,33 @@ def resize_checkpoint(directory: Path, config_sizes: dict[str, int], seed: int =
     for stale in directory.glob("model*.safetensors*"):
         stale.unlink()
     openpangu_fixture._save_sharded(openpangu_fixture._weights(config, seed), directory)
+
+
+def reused_inputs(folder: Path, shape: str, train_records: int, eval_records: int) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint and the data's figures that an earlier benchmark wrote into ``folder``; a BenchError
+    names what does not fit the benchmark asked for."""
+    if not folder.is_dir():
+        raise BenchError(f"--reuse {folder}: no such folder")
+    checkpoint = folder / f"openPangu-Embedded-{shape}"
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        raise BenchError(f"--reuse {folder}: no checkpoint of shape {shape} there (no {config_path})")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    differing = [f"{key} {config.get(key)}, not {size}" for key, size in shape_sizes(shape).items()
+                 if config.get(key) != size]
+    if differing:
+        raise BenchError(f"--reuse {folder}: its checkpoint is not of shape {shape} ({'; '.join(differing)})")
+    if not (folder / WRITTEN).is_file():
+        raise BenchError(
+            f"--reuse {folder}: its checkpoint and data are unfinished (no {WRITTEN}: their write was stopped)"
+        )
+    data = json.loads((folder / WRITTEN).read_text(encoding="utf-8"))["data"]
+    if (data["train_records"], data["eval_records"]) != (train_records, eval_records):
+        raise BenchError(
+            f"--reuse {folder}: its data has {data['train_records']} training and {data['eval_records']} validation "
+            f"records, not {train_records} and {eval_records} (--train-records, --eval-records)"
+        )
+    return checkpoint, data
 
 
 def _single_characters(tokenizer: Any) -> list[str]:
@@ -532,12 +566,14 @@ def run_benchmark(
     train_records: int = TRAIN_RECORDS,
     eval_records: int = EVAL_RECORDS,
     extra: Sequence[str] = (),
+    reuse: Path | None = None,
     progress: Callable[[str], None] = lambda line: None,
     on_report: Callable[[dict[str, Any]], None] = lambda report: None,
 ) -> dict[str, Any]:
-    """Write the checkpoint and the data into ``workdir`` (an existing, empty folder), run every optimizer
-    with every packing, and return the report (the module docstring says what it holds); ``on_report``
-    gets it before the first run and after each."""
+    """Write the checkpoint and the data into ``workdir`` (an existing, empty folder), or take them read-only
+    from ``reuse``, the workdir of an earlier benchmark of the same shape and record counts; run every
+    optimizer with every packing (each run's files in ``workdir``), and return the report (the module
+    docstring says what it holds); ``on_report`` gets it before the first run and after each."""
     if shape not in SHAPES:
         raise BenchError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     unknown = [optim for optim in optims if optim not in RECIPES]
@@ -552,14 +588,19 @@ def run_benchmark(
     else:
         peak, peak_source = (None, None) if on_cpu else peak_tflops_of(device)
 
-    started = time.perf_counter()
-    checkpoint = write_tiny_openpangu(workdir / f"openPangu-Embedded-{shape}")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    write_checkpoint_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    data_path = workdir / "alpaca_gpt4_data_zh.json"
-    data = write_data(data_path, tokenizer, train_records, eval_records)
-    write_data_seconds = time.perf_counter() - started
+    if reuse is None:
+        started = time.perf_counter()
+        checkpoint = write_tiny_openpangu(workdir / f"openPangu-Embedded-{shape}")
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        write_checkpoint_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        data_path = workdir / DATA_FILE
+        data = write_data(data_path, tokenizer, train_records, eval_records)
+        write_data_seconds = time.perf_counter() - started
+    else:
+        checkpoint, data = reused_inputs(reuse, shape, train_records, eval_records)
+        data_path = reuse / DATA_FILE
+        write_checkpoint_seconds = write_data_seconds = 0.0
     # rounded up by the split to exactly eval_records
     validation_fraction = (eval_records - 0.5) / (train_records + eval_records)
     runs = [(optim, packing) for optim in optims for packing in packings]
@@ -571,10 +612,16 @@ def run_benchmark(
     ]
     for argv in argvs:
         check_arguments(argv)
-    if shape != "tiny":
-        started = time.perf_counter()
-        resize_checkpoint(checkpoint, shape_sizes(shape))
-        write_checkpoint_seconds += time.perf_counter() - started
+    if reuse is None:
+        # after the arguments' check: a refused flag costs no 2.8 GB write
+        if shape != "tiny":
+            started = time.perf_counter()
+            resize_checkpoint(checkpoint, shape_sizes(shape))
+            write_checkpoint_seconds += time.perf_counter() - started
+        (workdir / WRITTEN).write_text(json.dumps(dict(shape=shape, data=data), indent=2) + "\n", encoding="utf-8")
+        progress(f"checkpoint and data: written in {write_checkpoint_seconds + write_data_seconds:.1f} s")
+    else:
+        progress(f"checkpoint and data: reused from {reuse}")
     written = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     config = {key: written[key] for key in OPENPANGU_1B}
     parameters, flop_parameters = parameter_counts(config)
@@ -596,6 +643,7 @@ def run_benchmark(
         data=data,
         write_checkpoint_seconds=write_checkpoint_seconds,
         write_data_seconds=write_data_seconds,
+        reused_from=None if reuse is None else str(reuse),
         finetune_flags=list(extra),
         planned_runs=[_run_name(optim, packing) for optim, packing in runs],
         runs=results,

@@ -1,5 +1,6 @@
 """The fine-tuning benchmark: its 1b shape (without allocating it), its data's lengths, its arithmetic, its
-command line, and one run end to end at the tiny shape on the CPU."""
+command line, one run end to end at the tiny shape on the CPU, and a second benchmark reusing the first's
+checkpoint and data."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dualadam_hf.analysis.finetune_bench import (
     RUN_FIELDS,
+    WRITTEN,
     BenchError,
     finetune_args,
     parameter_counts,
@@ -36,7 +38,7 @@ SCRIPT = ROOT / "scripts" / "bench_finetune.py"
 REPORT_FIELDS = {
     "shape", "config", "parameters", "flop_parameters", "device", "torch", "cuda", "transformers", "peak_tflops",
     "peak_tflops_source", "mfu_convention", "steps", "data", "write_checkpoint_seconds", "write_data_seconds",
-    "finetune_flags", "planned_runs", "runs",
+    "reused_from", "finetune_flags", "planned_runs", "runs",
 }
 
 
@@ -185,6 +187,7 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(bench_main, tmp_path, capsys):
     assert json.loads(captured.out) == report
     assert set(report) == REPORT_FIELDS
     assert report["shape"] == "tiny" and report["steps"] == 3 and report["cuda"] is None
+    assert report["reused_from"] is None and report["write_checkpoint_seconds"] > 0
     assert report["peak_tflops"] == 0.5 and report["peak_tflops_source"] == "--peak-tflops"
     assert report["data"]["train_records"] == 24 and report["data"]["eval_records"] == 4
     assert report["planned_runs"] == ["dualadam, packing on"] and not list(tmp_path.glob(".*.partial"))
@@ -223,6 +226,76 @@ def test_a_run_that_fails_is_reported_with_its_error_line(bench_main, tmp_path, 
     assert all(run[field] is None for field in RUN_FIELDS if field not in ("optim", "packing", "status", "error"))
     assert f"[1/1] adamw_torch_fused, packing off: failed: {run['error']}" in captured.err.splitlines()
     assert (tmp_path / "work" / "run1" / "log.txt").is_file() and not (tmp_path / "work" / "run1" / "output").exists()
+
+
+SMOKE_RUN = ["--steps", "2", "--optim", "dualadam", "--packing", "on", "--train-records", "8", "--eval-records", "2"]
+SMOKE_FLAGS = ["--", "--gradient_accumulation_steps", "1", "--train_eval_samples", "4", "--generation_eval_samples",
+               "2", "--generation_max_new_tokens", "4"]
+
+
+def inputs_written(workdir: Path) -> dict[Path, int]:
+    """Every file of a benchmark's workdir but its runs' (the checkpoint, the data, WRITTEN), with its mtime."""
+    return {path: path.stat().st_mtime_ns for path in workdir.rglob("*")
+            if path.is_file() and not path.relative_to(workdir).parts[0].startswith("run")}
+
+
+def test_a_second_benchmark_reuses_the_first_ones_checkpoint_and_data(bench_main, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert bench_main([*SMOKE_RUN, "--workdir", str(first), "--json", *SMOKE_FLAGS]) == 0
+    earlier = json.loads(capsys.readouterr().out)
+    assert earlier["reused_from"] is None
+    written = inputs_written(first)
+    code = bench_main([*SMOKE_RUN, "--workdir", str(second), "--reuse", str(first), "--json", *SMOKE_FLAGS])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"checkpoint and data: reused from {first}" in captured.err.splitlines()
+    report = json.loads(captured.out)
+    assert set(report) == REPORT_FIELDS and report["reused_from"] == str(first)
+    assert report["write_checkpoint_seconds"] == report["write_data_seconds"] == 0
+    assert (report["config"], report["data"]) == (earlier["config"], earlier["data"])
+    [run] = report["runs"]
+    assert set(run) == set(RUN_FIELDS) and (run["status"], run["error"]) == ("ok", None)
+    assert all(run[field] is not None for field in RUN_FIELDS if field not in ("error", "mfu", "peak_gpu_memory_gib"))
+    # the run read the earlier files, left them as they were, and wrote none of its own
+    assert str(first / "openPangu-Embedded-tiny") in (second / "run1" / "log.txt").read_text(encoding="utf-8")
+    assert inputs_written(first) == written and not inputs_written(second)
+
+
+@pytest.fixture
+def earlier_workdirs(tiny_openpangu, tmp_path):
+    """``finished``: a tiny checkpoint, also under the 1b name, and WRITTEN for 8 + 2 records; ``stopped``: a
+    checkpoint without WRITTEN, as a benchmark stopped while writing leaves it."""
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    for name in ("tiny", "1b"):
+        shutil.copytree(tiny_openpangu, finished / f"openPangu-Embedded-{name}")
+    (finished / WRITTEN).write_text(json.dumps(dict(shape="tiny", data=dict(train_records=8, eval_records=2))),
+                                    encoding="utf-8")
+    shutil.copytree(tiny_openpangu, stopped / "openPangu-Embedded-tiny")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--reuse", "{tmp}/missing"], "--reuse {tmp}/missing: no such folder"),
+        (["--shape", "1b", "--reuse", "{tmp}/finished"],
+         "--reuse {tmp}/finished: its checkpoint is not of shape 1b (vocab_size 2000, not 153376; hidden_size 64, "
+         "not 1536; intermediate_size 160, not 6144; num_hidden_layers 2, not 26; num_attention_heads 4, not 12; "
+         "num_key_value_heads 2, not 6)"),
+        (["--train-records", "9", "--reuse", "{tmp}/finished"],
+         "--reuse {tmp}/finished: its data has 8 training and 2 validation records, not 9 and 2 (--train-records, "
+         "--eval-records)"),
+        (["--reuse", "{tmp}/stopped"],
+         "--reuse {tmp}/stopped: its checkpoint and data are unfinished (no written.json: their write was stopped)"),
+    ],
+    ids=["missing", "other-shape", "other-records", "stopped"],
+)
+def test_reuse_refuses_a_folder_that_does_not_fit_in_one_line(bench_main, earlier_workdirs, capsys, argv, message):
+    argv = [argument.format(tmp=earlier_workdirs) for argument in argv]
+    with pytest.raises(SystemExit) as exit_status:
+        bench_main([*SMOKE_RUN, *argv])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err == f"error: {message.format(tmp=earlier_workdirs)}\n"
 
 
 def processes_naming(folder: Path) -> set[int]:
