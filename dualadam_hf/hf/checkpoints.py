@@ -246,6 +246,8 @@ def _os_error(error: BaseException, written: list[Path]) -> str | None:
     files = [file for path in written for file in ([path] if path.is_file() else path.rglob("*")) if file.is_file()]
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and (full := [file for file in files if file.stat().st_size >= limit]):
+        # the write that failed stopped at the limit exactly; a larger file is another process's (no limit there)
+        full.sort(key=lambda file: file.stat().st_size != limit)
         return f"{_named(errno.EFBIG)} writing {full[0]}: the file-size limit (ulimit -f) is {limit} bytes"
     folder = _existing(written[0]) if written else Path.cwd()
     if os.statvfs(folder).f_flag & os.ST_RDONLY:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dualadam_hf.hf.collective import max_over_processes
+
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
@@ -65,9 +67,4 @@ class PreemptionWatch:
     def agreed(self, device: torch.device | str, world_size: int) -> int | None:
         """The signal any process received, the same on every process (a collective: every process calls it at
         the same step boundary), or None."""
-        received = self.received or 0
-        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([received], dtype=torch.int32, device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            received = int(flag.item())
-        return received or None
+        return max_over_processes(self.received or 0, device, world_size) or None

@@ -26,8 +26,9 @@ from accelerate.utils import gather_object
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints, speed_metrics
 
-from dualadam_hf.hf.checkpoints import (TRAINER_STATE, latest_complete, partial_dirs, publish, save_failures_in_one_line,
-                                        skipped_note, staging_dir, write_manifest)
+from dualadam_hf.hf.checkpoints import (TRAINER_STATE, SaveError, latest_complete, partial_dirs, publish,
+                                        save_failures_in_one_line, skipped_note, staging_dir, write_manifest)
+from dualadam_hf.hf.collective import max_over_processes
 from dualadam_hf.hf.generation import Prompt, generate, markdown_table, select_prompts, shard, write_samples
 from dualadam_hf.hf.generation import summarize as summarize_generations
 from dualadam_hf.hf.launch import check_deepspeed_precision
@@ -349,24 +350,48 @@ class DualAdamMetricsMixin:
                 logger.warning("removing %s, a checkpoint a crashed save left unfinished", stale)
                 shutil.rmtree(stale)
         self.accelerator.wait_for_everyone()
-        with save_failures_in_one_line(final, partial=staging, kept="earlier checkpoints are kept"):
-            self._checkpoint_staging = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._checkpoint_staging = None
-            self.accelerator.wait_for_everyone()  # every process has written its part
-            if self.args.should_save:
-                written = staging / final.name
-                if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(str(staging)):
-                    self.state.best_model_checkpoint = str(final)
-                    self.state.save_to_json(str(written / TRAINER_STATE))
-                write_manifest(written)  # last: the manifest vouches for the files as they are published
-                publish(run_dir, step)
+        kept = "earlier checkpoints are kept"
+        # the staging folder is removed on a failure only once every process has stopped writing into it
+        with save_failures_in_one_line(final, partial=staging, kept=kept):
+            with self._every_process_or_none(final, kept):  # every process has written its part
+                self._checkpoint_staging = str(staging)
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._checkpoint_staging = None
+            with self._every_process_or_none(final, kept):  # the checkpoint is published
+                if self.args.should_save:
+                    written = staging / final.name
+                    if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(str(staging)):
+                        self.state.best_model_checkpoint = str(final)
+                        self.state.save_to_json(str(written / TRAINER_STATE))
+                    write_manifest(written)  # last: the manifest vouches for the files as they are published
+                    publish(run_dir, step)
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def _every_process_or_none(self, final: Path, kept: str) -> Iterator[None]:
+        """Run a part of a checkpoint's save on every process, then agree (a collective, in place of a barrier)
+        on whether each did it: a process that failed raises its own error, and every other one ``SaveError``
+        naming it, instead of waiting at a barrier for a process that has left. A failure inside a collective
+        of the save itself (DeepSpeed's, FSDP's) still leaves the others in it. The failed process removes the
+        staging folder as its error leaves ``save_failures_in_one_line`` around this, once no process writes
+        into it any more."""
+        failure: Exception | None = None
+        try:
+            yield
+        except Exception as error:
+            failure = error
+        process = self.args.process_index
+        failed = max_over_processes(process + 1 if failure is not None else 0, self.args.device, self.args.world_size)
+        if failure is not None:
+            raise failure
+        if failed:  # the failed process removes the staging folder (save_failures_in_one_line lets this one by)
+            raise SaveError(f"could not save {final}: process {failed - 1} could not write its part (its own error "
+                            f"line says why); {kept}")
 
     # ---- optimizer ----
 

@@ -256,6 +256,10 @@ def model_card(trained: TrainedModel, fmt: str, dtype: torch.dtype, command: str
     rows += [("final evaluation", _evaluation_line(final)), ("best evaluation", _evaluation_line(best)),
              ("format", f"{fmt}: `{architecture}`, {str(dtype).removeprefix('torch.')} safetensors"),
              ("made by", f"`{command}`")]
+    trained_with = record.detail("command", None) if record is not None else None
+    if trained_with:
+        processes = record.detail("processes", 1)
+        rows.insert(-2, ("trained with", f"`python {trained_with}`" + (f" on {processes} processes" if processes > 1 else "")))
     front = ["---", "library_name: transformers", "tags:", "- dualadam_hf", f"- {'lora-merged' if trained.base else 'fine-tuned'}"]
     if base and not is_builtin(base) and not Path(base).expanduser().exists() and base.count("/") == 1:
         front.append(f"base_model: {base}")  # the Hub takes only Hub ids here

@@ -66,6 +66,8 @@ def script_main(
                      *check_run_directories(training_args).splitlines()]:
             note += f"\nnote:            {line}"
         training_args.run_details = resume_details(*settings) if resume_details else {}
+        # the command line of this run, for run_config.json (and from there the exported model's card)
+        training_args.run_command = shlex.join([f"scripts/{prog}", *argv])
         for line in check_resume(training_args).splitlines():
             note += f"\nnote:            {line}"
         summary = describe(*settings) + note
@@ -185,7 +187,8 @@ def train_and_save(
     if trainer.is_world_process_zero():
         # accepted resume changes, each with the step it took effect (dualadam_hf.hf.resume)
         write_run_record(training_args, run_kind, **run_details,
-                         recipe_changes=getattr(training_args, "resume_changes", None) or [])
+                         recipe_changes=getattr(training_args, "resume_changes", None) or [],
+                         command=getattr(training_args, "run_command", None), processes=training_args.world_size)
     return metrics
 
 

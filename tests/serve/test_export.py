@@ -175,6 +175,10 @@ def test_the_model_card_says_what_the_run_was(tiny_run, tmp_path):
     assert (f"| final evaluation | eval_ppl {evaluations[-1]['eval_ppl']:.4g}, eval_gen_gap "
             f"{evaluations[-1]['eval_gen_gap']:.4f} (step {evaluations[-1]['step']}) |") in card
     assert f"| best evaluation | eval_ppl {best['eval_ppl']:.4g}, eval_gen_gap {best['eval_gen_gap']:.4f} (step {best['step']}) |" in card
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny_alpaca.yaml"
+    trained_with = record["command"]  # the fixture's command line, as the run was given it
+    assert trained_with.startswith(f"scripts/finetune.py {recipe} --output_dir {tiny_run} --max_steps 4 ")
+    assert record["processes"] == 1 and f"| trained with | `python {trained_with}` |" in card
     assert f"| made by | `python scripts/export.py {tiny_run} --out {out}` |" in card
 
 

@@ -166,3 +166,29 @@ def test_the_free_space_warning_and_the_estimate_it_makes(finished, tmp_path, mo
     checkpoint = finished / "checkpoint-6"
     assert model_bytes == pytest.approx((checkpoint / "model.safetensors").stat().st_size, rel=0.01)
     assert state_bytes == pytest.approx((checkpoint / "optimizer.pt").stat().st_size, rel=0.01)
+
+
+# the tiny model's optimizer.pt (3.8 MB) is written by process 0 only, rng_state_1.pth (~15 kB) by process 1
+@pytest.mark.slow
+@pytest.mark.parametrize("rank,limit,file", [(0, 3_000_000, "optimizer.pt"), (1, 5_000, "rng_state_1.pth")])
+def test_a_save_one_process_cannot_write_ends_every_process_with_one_line(tmp_path, rank, limit, file):
+    # Before, the other process waited at the barrier after its own part: until ddp_timeout under NCCL, or
+    # until gloo saw its peer leave, with a raw traceback. Now every process agrees on the save's outcome.
+    from train.test_distributed import RUN, launch
+
+    out = tmp_path / "run"
+    launcher = ["--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+                "--mixed_precision", "no", "--main_process_port", "0"]
+    done = launch(launcher, ["tests/file_size_limit_on_rank.py", str(rank), str(limit), "scripts/finetune.py", *RUN,
+                             "--per_device_train_batch_size", "4"], out)
+    assert done.returncode != 0
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    checkpoint = out / "checkpoint-4"
+    own = (f"error: could not save {checkpoint}: EFBIG (File too large) writing {out}/.partial-checkpoint-4/"
+           f"checkpoint-4/{file}: the file-size limit (ulimit -f) is {limit} bytes; ")
+    other = (f"error: could not save {checkpoint}: process {rank} could not write its part (its own error line says "
+             "why); earlier checkpoints are kept")
+    assert len(errors) == 2 and other in errors, errors
+    assert [line for line in errors if line != other][0].startswith(own), errors
+    assert not checkpoint.exists() and partial_dirs(out) == []
