@@ -89,3 +89,4 @@ def test_the_host_reads_twice_whatever_the_parameters_and_chunks(monkeypatch):
     assert reads.count == 2  # the step counters, then every parameter's three sums
     assert chunked == pytest.approx(whole, rel=1e-6)
     assert 0 < chunked[0] < chunked[1]
+

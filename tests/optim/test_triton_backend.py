@@ -221,6 +221,26 @@ def test_resume_within_the_kernel_backend_is_bit_exact(device):
     assert all(optimizer.state[p]["step"].device == p.device for p in resumed)
 
 
+def test_inv_share_reads_the_device_twice_and_agrees_with_foreach(device):
+    """dualadam_inv_share at a logging step (diagnostics.inv_share_sums) from the state this backend keeps, the
+    step counters on the device included: two host reads whatever the number of tensors, foreach's figures."""
+    from host_reads import HostReads
+
+    from dualadam_hf.optim.diagnostics import inv_share_sums
+
+    grads = make_grads(3)
+    params = on(device, make_params(torch.float32))
+    optimizer = DualAdam(params, **HYPER, switch_rate=0.1)
+    run(optimizer, params, grads)
+    twin = make_params(torch.float32)
+    foreach = DualAdam(twin, **HYPER, switch_rate=0.1, foreach=True)
+    run(foreach, twin, grads)
+    with HostReads() as reads:
+        sums = inv_share_sums(optimizer)
+    assert reads.count == 2 < len(params)
+    assert sums == pytest.approx(inv_share_sums(foreach), rel=1e-5)
+
+
 @pytest.mark.parametrize("direction", ["foreach_to_kernel", "kernel_to_foreach"])
 def test_resume_across_backends_and_devices(device, monkeypatch, direction):
     """A checkpoint of a CPU run (foreach: a small model) resumes on the kernel and back, with the default
