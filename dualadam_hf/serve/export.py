@@ -209,9 +209,20 @@ def write_llama(staging: Path, model_type: str) -> None:
 
     _edit_json(staging / "config.json", model_config)
 
+    added = json.loads((staging / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens", [])
+
     def tokenizer_config(settings: dict) -> None:
         settings["tokenizer_class"] = PLAIN_TOKENIZER_CLASS
         settings.pop("auto_map", None)
+        # Every added special token named as one: llama.cpp's converter marks as CONTROL only the tokenizer's
+        # named special tokens, and llama.cpp parses only those as one token in text, so the chat template's
+        # [unused9] would otherwise be split into plain pieces (transformers matches it as one token either way).
+        extra = settings.get("extra_special_tokens") or []
+        if isinstance(extra, list):
+            named = {settings.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")} | set(extra)
+            settings["extra_special_tokens"] = extra + [
+                token["content"] for token in added if token.get("special") and token["content"] not in named
+            ]
 
     _edit_json(staging / "tokenizer_config.json", tokenizer_config)
 
