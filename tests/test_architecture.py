@@ -140,7 +140,7 @@ def test_the_optim_layer_runs_on_torch_alone():
     ],
     ids=["import", "finetune dry run", "openpangu dry run", "vision dry run"],
 )
-def test_a_training_process_loads_no_plotting_code(command):
+def test_a_training_process_loads_no_plotting_code(command, tmp_path):
     probe = (
         "import atexit, sys, runpy\n"
         "atexit.register(lambda: print('MATPLOTLIB' if 'matplotlib' in sys.modules else 'CLEAN', file=sys.stderr))\n"
@@ -148,8 +148,10 @@ def test_a_training_process_loads_no_plotting_code(command):
     if command[0] == "-c":
         probe += command[1] + "\n"
     else:
-        probe += f"sys.argv = {command!r}\nsys.path.insert(0, 'scripts')\nrunpy.run_path({command[0]!r}, run_name='__main__')\n"
+        argv = [*command, "--output_dir", str(tmp_path / "run")]
+        probe += f"sys.argv = {argv!r}\nsys.path.insert(0, 'scripts')\nrunpy.run_path({command[0]!r}, run_name='__main__')\n"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "CLEAN", result.stderr[-2000:]
 
 

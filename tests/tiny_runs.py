@@ -1,5 +1,5 @@
-"""What the tests of whole tiny-recipe runs share: the recipe, a short run with checkpoints, and how to read
-what a run left (its one error line, its weights, its files)."""
+"""What the tests of whole tiny-recipe runs share: the recipe, a short run with checkpoints, a dry run, and how to
+read what a run left (its one error line, its weights, its files)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ TINY = "recipes/tiny_alpaca.yaml"
 SHORT = ["--max_steps", "6", "--logging_steps", "1", "--eval_strategy", "no", "--max_train_samples", "32",
          "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
          "--save_steps", "2", "--disable_tqdm", "true", "--optim_args", "switch_ratio=1.0"]
+
+
+def dry_run_in(tmp_path: Path) -> list[str]:
+    """The flags of a dry run into a folder of the test's own, for any recipe: pre-flight refuses an output_dir that
+    holds a run, dry run too, and a recipe's own (under outputs/) may hold one the user trained."""
+    return ["--dry_run", "true", "--output_dir", str(tmp_path / "run")]
 
 
 def one_error_line(capsys) -> str:

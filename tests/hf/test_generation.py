@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import dry_run_in
 
 from dualadam_hf import generation_metric
 from dualadam_hf.analysis.compare import compare
@@ -138,18 +139,18 @@ def test_early_stopping_stops_a_rising_ppl_and_the_best_checkpoint_is_restored(t
 
 
 def test_early_stopping_without_evaluations_is_one_line(tmp_path, capsys):
-    assert main([TINY, "--dry_run", "true", "--eval_strategy", "no", "--early_stopping_patience", "2"]) == 2
+    assert main([TINY, *dry_run_in(tmp_path), "--eval_strategy", "no", "--early_stopping_patience", "2"]) == 2
     err = capsys.readouterr().err
     assert err == "error: early_stopping_patience needs evaluations: set eval_strategy to steps or epoch\n"
-    assert main([TINY, "--dry_run", "true", "--load_best_model_at_end", "true", "--save_strategy", "no"]) == 2
+    assert main([TINY, *dry_run_in(tmp_path), "--load_best_model_at_end", "true", "--save_strategy", "no"]) == 2
     assert capsys.readouterr().err == (
         "error: load_best_model_at_end needs checkpoints where it evaluates: save_strategy is no, eval_strategy steps; "
         "make them equal (and save_steps a multiple of eval_steps) or set save_strategy: best\n"
     )
 
 
-def test_the_dry_run_prints_the_generation_settings(capsys):
-    assert main([TINY, "--dry_run", "true", "--early_stopping_patience", "3"]) == 0
+def test_the_dry_run_prints_the_generation_settings(tmp_path, capsys):
+    assert main([TINY, *dry_run_in(tmp_path), "--early_stopping_patience", "3"]) == 0
     out = capsys.readouterr().out
     assert "generation:      4 greedy answers per evaluation, at most 48 new tokens" in out
     assert "early stopping after 3 evaluations without a better eval_ppl" in out

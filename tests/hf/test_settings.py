@@ -4,6 +4,7 @@ import re
 
 import pytest
 from tiny_lm import tiny_llama, training_kwargs
+from tiny_runs import dry_run_in
 from transformers import TrainingArguments
 
 from dualadam_hf import DualAdamTrainer, DualAdamTrainingArguments
@@ -127,7 +128,7 @@ def test_every_entry_point_names_the_misspelt_key_with_the_one_parser(tmp_path, 
     from dualadam_hf.train.vision.train import main as train_vision
 
     for script, recipe in ((finetune, "recipes/tiny_alpaca.yaml"), (train_vision, "recipes/vision_digits.yaml")):
-        assert script([recipe, "--dry_run", "true", "--optim_args", "switch_rat=0.1"]) == 2
+        assert script([recipe, *dry_run_in(tmp_path), "--optim_args", "switch_rat=0.1"]) == 2
         assert UNKNOWN in capsys.readouterr().err
     with pytest.raises(ValueError, match=UNKNOWN):
         DualAdamTrainingArguments(**training_kwargs(tmp_path, optim_args="switch_rat=0.1"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_runs import dry_run_in
 
 from dualadam_hf.models import loading
 from dualadam_hf.models.loading import ModelLoadError, load_causal_lm
@@ -52,15 +53,15 @@ def test_the_openpangu_recipes_say_use_kernels_false(recipe):
     assert yaml.safe_load(recipe.read_text(encoding="utf-8"))["use_kernels"] is False
 
 
-def test_use_kernels_offline_is_refused_in_one_line_before_loading(tiny_openpangu, monkeypatch, capsys):
+def test_use_kernels_offline_is_refused_in_one_line_before_loading(tiny_openpangu, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
     with pytest.raises(ModelLoadError, match="^use_kernels: true .* the Hub is offline .* set use_kernels: false"):
         load_causal_lm(str(tiny_openpangu), trust_remote_code=False, use_kernels=True)
-    assert finetune([str(RECIPES[0]), "--model_name_or_path", str(tiny_openpangu), "--dry_run", "true",
+    assert finetune([str(RECIPES[0]), "--model_name_or_path", str(tiny_openpangu), *dry_run_in(tmp_path),
                      "--use_kernels", "true"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: use_kernels: true") and err.count("\n") == 1 and "Traceback" not in err
-    assert finetune([str(RECIPES[0]), "--model_name_or_path", str(tiny_openpangu), "--dry_run", "true"]) == 0
+    assert finetune([str(RECIPES[0]), "--model_name_or_path", str(tiny_openpangu), *dry_run_in(tmp_path)]) == 0
     assert "hub kernels off" in capsys.readouterr().out

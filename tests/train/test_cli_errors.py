@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny_runs import dry_run_in
 
 from dualadam_hf.train.finetune import main as finetune
 from dualadam_hf.train.vision.train import main as train_vision
@@ -39,8 +40,8 @@ def test_bad_training_settings_are_refused_by_the_dry_run_already(script, recipe
     assert not out.exists()
 
 
-def test_invadam_on_a_dualadam_recipe_drops_its_switch_keys(capsys):
-    assert finetune([TINY, "--dry_run", "true", "--optim", "invadam"]) == 0
+def test_invadam_on_a_dualadam_recipe_drops_its_switch_keys(tmp_path, capsys):
+    assert finetune([TINY, *dry_run_in(tmp_path), "--optim", "invadam"]) == 0
     out = capsys.readouterr().out
     assert "optim_args 'switch_ratio=0.3' are DualAdam's; not used by invadam" in out and "alpha = 1" in out
 
@@ -49,16 +50,16 @@ def test_invadam_on_a_dualadam_recipe_drops_its_switch_keys(capsys):
     ("invadam_8bit", ["state: exp_avg and exp_avg_sq 8bit block-wise (block 256;", "alpha = 1 at every step (pure InvAdam)"]),
     ("dualadam_4bit", ["state: exp_avg and exp_avg_sq 4bit block-wise (block 128;", "alpha reaches 0 after 30% of"]),
 ])
-def test_the_dry_run_describes_low_bit_state_and_the_schedule_it_keeps(optimizer, lines, capsys):
-    assert finetune([TINY, "--dry_run", "true", "--optim", optimizer]) == 0
+def test_the_dry_run_describes_low_bit_state_and_the_schedule_it_keeps(optimizer, lines, tmp_path, capsys):
+    assert finetune([TINY, *dry_run_in(tmp_path), "--optim", optimizer]) == 0
     out = capsys.readouterr().out
     assert all(line in out for line in lines), out
     if optimizer.startswith("invadam"):
         assert "schedule linear" not in out  # alpha never leaves 1
 
 
-def test_the_dry_run_says_which_backend_steps(capsys):
-    assert finetune([TINY, "--dry_run", "true", "--use_cpu", "true"]) == 0
+def test_the_dry_run_says_which_backend_steps(tmp_path, capsys):
+    assert finetune([TINY, *dry_run_in(tmp_path), "--use_cpu", "true"]) == 0
     assert "step: on CPU, foreach; the compiled kernel for param groups of 10M elements or more" in capsys.readouterr().out
 
 

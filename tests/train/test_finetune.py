@@ -9,6 +9,7 @@ import pytest
 import torch.distributed as dist
 import transformers
 from one_process_group import one_process_group
+from tiny_runs import dry_run_in
 
 from dualadam_hf.train.cli import script_main
 from dualadam_hf.train.finetune import ARGUMENT_TYPES, describe, main
@@ -38,8 +39,8 @@ def no_downloads(monkeypatch):
     "recipe,optimizer",
     [("recipes/pangu_alpaca.yaml", "dualadam"), ("recipes/pangu_alpaca_adamw.yaml", "adamw_torch_fused")],
 )
-def test_dry_run_of_the_openpangu_recipes_is_offline(recipe, optimizer, capsys, no_downloads):
-    assert main([recipe, "--dry_run", "true"]) == 0
+def test_dry_run_of_the_openpangu_recipes_is_offline(recipe, optimizer, tmp_path, capsys, no_downloads):
+    assert main([recipe, *dry_run_in(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "FreedomIntelligence/openPangu-Embedded-1B (trust_remote_code=False" in out
     assert "llm-wizard/alpaca-gpt4-data-zh" in out
@@ -49,12 +50,12 @@ def test_dry_run_of_the_openpangu_recipes_is_offline(recipe, optimizer, capsys, 
     assert "packing:         on (padding-free batches for training and evaluation; attention: packed_sdpa: torch's varlen FlashAttention kernel" in out
 
 
-def test_dry_run_says_whether_packing_is_on_and_how_examples_are_kept_apart(capsys, no_downloads):
-    assert main([TINY, "--dry_run", "true", "--packing", "false"]) == 0
+def test_dry_run_says_whether_packing_is_on_and_how_examples_are_kept_apart(tmp_path, capsys, no_downloads):
+    assert main([TINY, *dry_run_in(tmp_path), "--packing", "false"]) == 0
     assert "packing:         off (each batch right-padded to its longest example)" in capsys.readouterr().out
-    assert main([TINY, "--dry_run", "true", "--attn_implementation", "eager"]) == 0
+    assert main([TINY, *dry_run_in(tmp_path), "--attn_implementation", "eager"]) == 0
     assert "attention: eager, kept apart by a block-diagonal mask; use_cache off" in capsys.readouterr().out
-    assert main([TINY, "--dry_run", "true", "--attn_implementation", "flash_attention_2"]) == 0
+    assert main([TINY, *dry_run_in(tmp_path), "--attn_implementation", "flash_attention_2"]) == 0
     assert "attention: flash_attention_2, kept apart by the example boundaries" in capsys.readouterr().out
 
 
@@ -84,19 +85,20 @@ def test_a_model_found_unable_to_pack_once_loaded_exits_2_in_one_line(tmp_path, 
     assert not (out / "model.safetensors").exists() and not (out / "train_results.json").exists()
 
 
-def test_dry_run_names_xi_and_the_step_where_alpha_reaches_zero(capsys, no_downloads):
-    assert main([TINY, "--dry_run", "true", "--optim_args", "switch_rate=0.004"]) == 0
+def test_dry_run_names_xi_and_the_step_where_alpha_reaches_zero(tmp_path, capsys, no_downloads):
+    assert main([TINY, *dry_run_in(tmp_path), "--optim_args", "switch_rate=0.004"]) == 0
     assert "xi = 0.004: alpha reaches 0 at step 250" in capsys.readouterr().out
-    assert main([TINY, "--dry_run", "true", "--max_steps", "200"]) == 0
+    assert main([TINY, *dry_run_in(tmp_path), "--max_steps", "200"]) == 0
     assert "alpha reaches 0 at step 60" in capsys.readouterr().out
 
 
-def test_dry_run_names_the_rescaled_invadam_term_and_refuses_it_under_sharding(capsys, monkeypatch, no_downloads):
+def test_dry_run_names_the_rescaled_invadam_term_and_refuses_it_under_sharding(tmp_path, capsys, monkeypatch,
+                                                                                 no_downloads):
     rescaled = ["--optim_args", "switch_ratio=0.3,inv_scale=adam_rms"]
-    assert main([TINY, "--dry_run", "true", *rescaled]) == 0
+    assert main([TINY, *dry_run_in(tmp_path), *rescaled]) == 0
     assert "inv_scale adam_rms: the InvAdam term is rescaled, per tensor, to the Adam term's norm" in capsys.readouterr().out
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
-    assert main([TINY, "--dry_run", "true", *rescaled]) == 2
+    assert main([TINY, *dry_run_in(tmp_path), *rescaled]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: optim_args: inv_scale=adam_rms rescales per whole tensor, but FSDP hands")
     assert err.count("\n") == 1
@@ -188,8 +190,8 @@ def test_resume_from_checkpoint_is_honoured(tmp_path):
         assert a["dualadam_alpha"] == pytest.approx(b["dualadam_alpha"])
 
 
-def test_the_adamw_baseline_of_a_dualadam_recipe_drops_its_optim_args(capsys, no_downloads):
-    assert main([TINY, "--dry_run", "true", "--optim", "adamw_torch"]) == 0
+def test_the_adamw_baseline_of_a_dualadam_recipe_drops_its_optim_args(tmp_path, capsys, no_downloads):
+    assert main([TINY, *dry_run_in(tmp_path), "--optim", "adamw_torch"]) == 0
     out = capsys.readouterr().out
     assert "optimizer:       adamw_torch" in out
     assert "optim_args 'switch_ratio=0.3' are DualAdam's; not used by adamw_torch" in out

@@ -14,7 +14,7 @@ from transformers.integrations import integration_utils
 from dualadam_hf.models.tiny import TINY_LLAMA
 from dualadam_hf.train.finetune import ModelArguments, load_model_and_tokenizer, main
 from dualadam_hf.train.sft_data import DataArguments, DataError, load_records, prepare_datasets
-from tiny_runs import TINY, one_error_line
+from tiny_runs import TINY, dry_run_in, one_error_line
 
 
 @pytest.mark.parametrize(
@@ -40,10 +40,10 @@ def test_settings_the_trainer_would_fail_on_or_ignore_are_refused_first(tmp_path
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_a_comma_joined_report_to_is_a_list_of_reporters(capsys, monkeypatch):
+def test_a_comma_joined_report_to_is_a_list_of_reporters(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
     monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
-    assert main([TINY, "--dry_run", "true", "--report_to", "tensorboard, wandb"]) == 0
+    assert main([TINY, *dry_run_in(tmp_path), "--report_to", "tensorboard, wandb"]) == 0
     assert "reporting to:    tensorboard, wandb\n" in capsys.readouterr().out
 
 
@@ -57,13 +57,13 @@ def test_yaml_lists_for_single_valued_keys_are_comma_joined(tmp_path, capsys, mo
     lists = ["report_to:", "  - tensorboard", "  - wandb", "optim_args: [switch_ratio=0.3, inv_scale=adam_rms]"]
     listed = tmp_path / "listed.yaml"
     listed.write_text("\n".join(kept + lists) + "\n", encoding="utf-8")
-    assert main([str(listed), "--dry_run", "true"]) == 0
+    assert main([str(listed), *dry_run_in(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "reporting to:    tensorboard, wandb\n" in out and "inv_scale adam_rms: the InvAdam term" in out
 
 
-def test_a_dry_run_of_an_fp16_recipe_says_what_a_run_here_would_do(capsys):
-    assert main([TINY, "--dry_run", "true", "--fp16", "true", "--use_cpu", "false"]) == 0
+def test_a_dry_run_of_an_fp16_recipe_says_what_a_run_here_would_do(tmp_path, capsys):
+    assert main([TINY, *dry_run_in(tmp_path), "--fp16", "true", "--use_cpu", "false"]) == 0
     out = capsys.readouterr().out
     note = "fp16 needs a GPU; this machine has none, and a run here is refused"
     assert (note in out) != torch.cuda.is_available() and "precision:       fp16 mixed" in out
