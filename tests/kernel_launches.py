@@ -8,7 +8,6 @@ run compiled on CUDA tensors.
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dualadam_hf.optim import triton_backend
 
@@ -52,16 +51,3 @@ def record_launches(monkeypatch, module, name: str) -> list[tuple]:
 def compiles(launches: list[tuple]) -> int:
     """How many binaries Triton would compile for these launches."""
     return len({(key, constexprs) for key, constexprs, _, _ in launches})
-
-
-class ItemCalls(TorchDispatchMode):
-    """Counts host reads of a tensor's value (``.item()``, ``int()``, ``bool()``: aten._local_scalar_dense)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))

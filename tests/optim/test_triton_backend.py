@@ -16,7 +16,8 @@ import textwrap
 
 import pytest
 import torch
-from kernel_launches import ItemCalls, compiles, kernel_device, record_launches
+from host_reads import HostReads
+from kernel_launches import compiles, kernel_device, record_launches
 from one_process_group import one_process_group
 from optim.test_optimizer import (
     CASES, SHAPES, STEPS, make_grads, make_params, reference_hyper, reference_run, run, run_with_a_resume,
@@ -175,7 +176,7 @@ def test_lr_alpha_and_step_change_without_recompiles_or_host_reads(device, monke
     calls = Calls(monkeypatch)
     params = on(device, make_params(torch.float32))
     optimizer = DualAdam(params, lr=1e-3, switch_rate=0.03, weight_decay=0.01)
-    with ItemCalls() as reads:
+    with HostReads() as reads:
         for step, step_grads in enumerate(make_grads(40)):
             optimizer.param_groups[0]["lr"] = 1e-3 * (1 + step % 7)
             for p, g in zip(params, step_grads):

@@ -20,7 +20,8 @@ import textwrap
 
 import pytest
 import torch
-from kernel_launches import ItemCalls, compiles, kernel_device, record_launches
+from host_reads import HostReads
+from kernel_launches import compiles, kernel_device, record_launches
 
 from dualadam_hf import DualAdam4bit, DualAdam8bit, DualAdamFp8, InvAdam4bit
 from dualadam_hf.optim import lowbit, triton_lowbit
@@ -326,7 +327,7 @@ def test_lr_alpha_and_step_change_without_recompiles_or_host_reads(device, monke
     optimizer = InvAdam4bit(params, lr=1e-3, weight_decay=0.01)
     grads = make_grads(4)
     run(optimizer, params, grads[:1])
-    with ItemCalls() as reads:
+    with HostReads() as reads:
         for step, step_grads in enumerate(grads[1:]):
             optimizer.param_groups[0]["lr"] = 1e-3 * (2 + step)
             run(optimizer, params, [step_grads])
