@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from dualadam_hf.optim.dualadam import DualAdam
+from dualadam_hf.optim.dualadam import DualAdam, read_per_device
 from dualadam_hf.optim.kernels import schedule_alpha
 from dualadam_hf.optim.lowbit import is_quantized
 
@@ -46,8 +46,8 @@ def inv_share_sums(optimizer: DualAdam) -> tuple[float, float]:
         for state in (optimizer.state.get(p) for p in group["params"])
         if state
     ]
-    steps = _read_per_device([state["step"].reshape(()) for _, state in held])
-    sums = _read_per_device([
+    steps = read_per_device([state["step"].reshape(()) for _, state in held])
+    sums = read_per_device([
         _term_sums(state, *group["betas"], group["eps"], int(step))
         for (group, state), step in zip(held, steps)
     ])
@@ -64,18 +64,6 @@ def inv_share_sums(optimizer: DualAdam) -> tuple[float, float]:
             inv_weight**2 * inv_norm_sq + 2 * inv_weight * adam_weight * cross + adam_weight**2 * adam_norm_sq
         )
     return inv_sq, bar_sq
-
-
-def _read_per_device(tensors: list[torch.Tensor]) -> list:
-    """The values of same-shaped ``tensors``, in order, read by the host once per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_device.setdefault(tensor.device, []).append(index)
-    values: list = [None] * len(tensors)
-    for indices in by_device.values():
-        for index, value in zip(indices, torch.stack([tensors[i] for i in indices]).tolist()):
-            values[index] = value
-    return values
 
 
 def _term_sums(state: dict, beta1: float, beta2: float, eps: float, step: int) -> torch.Tensor:

@@ -171,19 +171,14 @@ class DualAdam(torch.optim.Optimizer):
         """alpha_t used by the latest step (the highest step in the state), or None before any step.
 
         Derived from the saved step counters, so it is right after ``load_state_dict`` too; one read per
-        device and group (the CUDA backend keeps the counters on the GPU).
+        device (the CUDA backend keeps the counters on the GPU).
         """
+        held = [(group, state) for group in self.param_groups
+                for state in map(self.state.get, group["params"]) if state]
         latest = None
-        for group in self.param_groups:
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state:
-                    by_device.setdefault(state["step"].device, []).append(state["step"])
-            for steps in by_device.values():
-                step = int(torch.stack(steps).max().item())
-                if latest is None or step > latest[0]:
-                    latest = (step, group)
+        for (group, _), step in zip(held, read_per_device([state["step"].reshape(()) for _, state in held])):
+            if latest is None or step > latest[0]:
+                latest = (int(step), group)
         if latest is None:
             return None
         return schedule_alpha(latest[1], latest[0], self._custom_schedule)
@@ -293,6 +288,18 @@ class InvAdam(DualAdam):
             params, lr, betas, eps, weight_decay, 0.0,
             schedule="linear", maximize=maximize, foreach=foreach, fused=fused,
         )
+
+
+def read_per_device(tensors: list[torch.Tensor]) -> list:
+    """The values of same-shaped ``tensors``, in order, read by the host once per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    values: list = [None] * len(tensors)
+    for indices in by_device.values():
+        for index, value in zip(indices, torch.stack([tensors[i] for i in indices]).tolist()):
+            values[index] = value
+    return values
 
 
 def _dispatch(
